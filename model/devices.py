@@ -1,0 +1,134 @@
+"""The device map: which lattice elements each power converter drives, and how strongly.
+
+Engineering units (A, kHz) live on this side of the map, SI strengths on the other; the conversion
+happens here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import at
+import numpy as np
+
+from .tables import read_csv
+
+SPEED_OF_LIGHT = 299_792_458.0
+
+# What a winding sets on its element (a pyAT attribute) and how its calibration reads:
+#   PolynomB[1] (= K1, 1/m^2)   calibration in 1/m^2 per A
+#   PolynomB[2] (pyAT's H, 1/m^3) calibration in 1/m^3 per A
+#   KickAngle[0|1] (rad)         calibration is an integrated field in T.m per A: kick = c*I/(B*rho)
+ELEMENT_FIELDS = {"K1": ("PolynomB", 1), "K2": ("PolynomB", 2),
+                  "HKICK": ("KickAngle", 0), "VKICK": ("KickAngle", 1)}
+
+
+class SettingError(ValueError):
+    """A change the twin refuses: unknown device or property, not a finite number, out of limits."""
+
+
+@dataclass(frozen=True)
+class Winding:
+    """One magnet on a converter: the element it sets and its strength per ampere."""
+
+    magnet: str
+    element: int
+    field: str  # a key of ELEMENT_FIELDS
+    calibration: float
+    cal_unit: str
+
+    def strength(self, current: float, rigidity: float) -> float:
+        """SI strength of the element for a converter current in A."""
+        value = self.calibration * current
+        return value / rigidity if self.cal_unit == "T.m/A" else value
+
+    def current(self, strength: float, rigidity: float) -> float:
+        """The converter current that gives *strength* (inverse of ``strength``)."""
+        value = strength * rigidity if self.cal_unit == "T.m/A" else strength
+        return value / self.calibration
+
+
+@dataclass(frozen=True)
+class PowerConverter:
+    """A settable device: a magnet power converter (A) or the RF master clock (kHz)."""
+
+    name: str
+    kind: str  # quadrupole | sextupole | hsteerer | vsteerer | rf
+    unit: str
+    default: float
+    low: float
+    high: float
+    max_step: float | None = None
+    windings: tuple[Winding, ...] = field(default=())
+
+    @property
+    def quantity(self) -> str:
+        return "frequency" if self.kind == "rf" else "current"
+
+    def check(self, quantity: str, value: object) -> float:
+        """Return *value* as a float, or raise ``SettingError`` saying why it is refused."""
+        if quantity != self.quantity:
+            raise SettingError(f"{self.name}: no property {quantity!r} (it has {self.quantity!r})")
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise SettingError(f"{self.name}: {value!r} is not a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise SettingError(f"{self.name}: {value} is not a finite number")
+        if not self.low <= value <= self.high:
+            raise SettingError(f"{self.name}: {value} {self.unit} is outside [{self.low}, {self.high}]")
+        return value
+
+
+@dataclass(frozen=True)
+class Bpm:
+    index: int  # position in the machine's orbit arrays
+    name: str
+    element: int
+
+
+@dataclass
+class DeviceMap:
+    converters: dict[str, PowerConverter]
+    bpms: list[Bpm]
+
+    @classmethod
+    def from_tables(cls, ring: at.Lattice, folder: Path) -> DeviceMap:
+        """Build the map from ``converters.csv``, ``magnets.csv`` and ``bpms.csv`` in *folder*."""
+        folder = Path(folder)
+        index = {e.FamName: i for i, e in enumerate(ring)}
+        windings: dict[str, list[Winding]] = {}
+        for row in read_csv(folder / "magnets.csv"):
+            if row["property"] not in ELEMENT_FIELDS:
+                raise ValueError(f"magnets.csv: {row['magnet']}: unknown property {row['property']}")
+            windings.setdefault(row["converter"], []).append(Winding(
+                row["magnet"], index[row["element"]], row["property"],
+                float(row["calibration"]), row["cal_unit"]))
+        converters = {}
+        for row in read_csv(folder / "converters.csv"):
+            converters[row["name"]] = PowerConverter(
+                row["name"], row["kind"], row["unit"], float(row["default"]),
+                float(row["low"]), float(row["high"]),
+                float(row["max_step"]) if row["max_step"] else None,
+                tuple(windings.pop(row["name"], ())))
+        if windings:
+            raise ValueError(f"magnets.csv names converters not in converters.csv: {sorted(windings)}")
+        bpms = sorted((Bpm(int(r["index"]), r["name"], index[r["element"]])
+                       for r in read_csv(folder / "bpms.csv")), key=lambda b: b.index)
+        return cls(converters, bpms)
+
+    def of_kind(self, kind: str) -> list[PowerConverter]:
+        return [c for c in self.converters.values() if c.kind == kind]
+
+    @property
+    def rf(self) -> PowerConverter:
+        (rf,) = self.of_kind("rf")
+        return rf
+
+    def check(self, device: str, quantity: str, value: object) -> float:
+        try:
+            converter = self.converters[device]
+        except KeyError:
+            raise SettingError(f"unknown device {device!r}") from None
+        return converter.check(quantity, value)

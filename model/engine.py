@@ -1,0 +1,158 @@
+"""The physics engine: settings in, beam state out.
+
+Two calls make the whole interface (the seed paper's "update the lattice" and "propagate"):
+
+* ``apply(changes)`` takes a batch of ``Change(device, quantity, value)`` in engineering units,
+  checks all of them, writes them into the lattice and returns the new lattice version;
+* ``compute()`` returns the ``BeamState`` of the current version.
+
+The ring is tracked in 4D (no radiation, no cavities). The RF frequency enters through the path
+length: a closed orbit at frequency f must be h*c/f long, so the engine asks pyAT for the 4D orbit
+of path lengthening dct = -C*df/f, which yields the momentum offset and the dispersive orbit together.
+Horizontal kicks therefore also shift the momentum, as on a real ring with a fixed RF frequency.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import at
+import numpy as np
+
+from .devices import ELEMENT_FIELDS, SPEED_OF_LIGHT, DeviceMap, SettingError
+from .lattice_io import load_lattice
+
+__all__ = ["BeamState", "Change", "Engine", "SettingError"]
+
+
+class Change(NamedTuple):
+    device: str
+    quantity: str  # "current" (A) for converters, "frequency" (kHz) for the RF master clock
+    value: float
+
+
+@dataclass
+class BeamState:
+    """What the beam does at one lattice version. Positions in m at the BPMs, in table order."""
+
+    version: int
+    stable: bool
+    x: np.ndarray
+    y: np.ndarray
+    tune: np.ndarray  # (Qx, Qy) including the integer part
+    chromaticity: np.ndarray  # (ξx, ξy); NaN where not computed
+    momentum_offset: float  # δ of the closed orbit
+    rf_frequency: float  # Hz
+    revolution_frequency: float  # Hz
+    computed_at: float = field(default_factory=time.time)
+    compute_seconds: float = 0.0
+    reason: str = ""  # why the beam is lost, when it is
+
+    @property
+    def fractional_tune(self) -> np.ndarray:
+        return self.tune - np.floor(self.tune)
+
+
+class Engine:
+    """A ring, its device map and the current settings."""
+
+    def __init__(self, ring: at.Lattice, devices: DeviceMap):
+        self.ring = ring.disable_6d(copy=True)
+        self.devices = devices
+        self.rigidity = ring.energy / SPEED_OF_LIGHT  # T.m, relativistic electrons
+        self.circumference = ring.circumference
+        self.design_rf = devices.rf.default * 1e3
+        self.version = 0
+        self.settings: dict[str, float] = {}
+        self._bpm_refs = np.array([b.element for b in devices.bpms])
+        # Optics are taken at the BPMs, every magnet and the ring's end. The phase advance is
+        # unwrapped along these points, so they must lie well under pi apart; the last one gives
+        # the whole tune.
+        magnets = [w.element for c in devices.converters.values() for w in c.windings]
+        self._optics_refs = np.unique(np.concatenate([self._bpm_refs, magnets, [len(self.ring)]]))
+        self._last_chromaticity = np.full(2, np.nan)
+        self._write({name: c.default for name, c in devices.converters.items()})
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> Engine:
+        """An engine for the machine whose tables and ``lattice.json`` are in *folder*."""
+        ring = load_lattice(Path(folder) / "lattice.json")
+        return cls(ring, DeviceMap.from_tables(ring, folder))
+
+    # -- update the lattice ---------------------------------------------------------------------
+
+    def check(self, changes: Iterable[Change]) -> dict[str, float]:
+        """Validate a batch; return the new settings it makes, or raise ``SettingError``."""
+        accepted, problems = {}, []
+        for device, quantity, value in changes:
+            try:
+                accepted[device] = self.devices.check(device, quantity, value)
+            except SettingError as err:
+                problems.append(str(err))
+        if problems:
+            raise SettingError("; ".join(problems))
+        return accepted
+
+    def apply(self, changes: Iterable[Change]) -> int:
+        """Apply a batch of changes atomically and return the new lattice version.
+
+        Nothing is applied if any change is refused; an empty batch keeps the version.
+        """
+        accepted = self.check(list(changes))
+        if accepted:
+            self._write(accepted)
+            self.version += 1
+        return self.version
+
+    def _write(self, settings: dict[str, float]) -> None:
+        for name, value in settings.items():
+            self.settings[name] = value
+            for w in self.devices.converters[name].windings:
+                attribute, index = ELEMENT_FIELDS[w.field]
+                getattr(self.ring[w.element], attribute)[index] = w.strength(value, self.rigidity)
+
+    @property
+    def rf_frequency(self) -> float:
+        return self.settings[self.devices.rf.name] * 1e3
+
+    # -- propagate ------------------------------------------------------------------------------
+
+    def compute(self, chromaticity: bool = True) -> BeamState:
+        """Closed orbit at the BPMs, tunes and (optionally) chromaticities of the current version.
+
+        Never raises for a bad setting: a ring with no stable closed orbit gives ``stable=False``.
+        """
+        start = time.perf_counter()
+        f_rf = self.rf_frequency
+        state = BeamState(
+            version=self.version, stable=False,
+            x=np.full(len(self._bpm_refs), np.nan), y=np.full(len(self._bpm_refs), np.nan),
+            tune=np.full(2, np.nan), chromaticity=np.full(2, np.nan), momentum_offset=math.nan,
+            rf_frequency=f_rf, revolution_frequency=f_rf / self.ring.harmonic_number)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # pyAT warns when the orbit search does not converge
+                dct = -self.circumference * (f_rf - self.design_rf) / f_rf
+                orbit0, orbits = at.find_orbit4(self.ring, refpts=self._bpm_refs, dct=dct)
+                _, ringdata, optics = self.ring.get_optics(
+                    refpts=self._optics_refs, orbit=orbit0, get_chrom=chromaticity)
+            tune = optics.mu[-1] / (2 * math.pi)
+            if not (np.all(np.isfinite(orbits)) and np.all(np.isfinite(tune))):
+                raise ArithmeticError("no finite closed orbit")
+            state.x, state.y = orbits[:, 0].copy(), orbits[:, 2].copy()
+            state.tune = tune
+            state.momentum_offset = float(orbit0[4])
+            if chromaticity:
+                self._last_chromaticity = np.asarray(ringdata.chromaticity, dtype=float)
+            state.chromaticity = self._last_chromaticity.copy()
+            state.stable = True
+        except Exception as err:  # noqa: BLE001 - any failure of the physics means: no beam
+            state.reason = f"{type(err).__name__}: {err}"
+        state.compute_seconds = time.perf_counter() - start
+        return state

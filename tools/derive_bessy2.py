@@ -1,0 +1,195 @@
+"""Derive the project's BESSY II data (lattice, device tables) from the public reference files.
+
+The reference files stay in ``../shared/reference``; this script reads their numbers and writes the
+project's own tables into ``db/bessy2/``.  Run it again when a reference changes:
+
+    python tools/derive_bessy2.py [--reference ../shared/reference]
+
+Every figure that is not in a reference is an assumption; its row says so in the ``source`` column.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+from pathlib import Path
+
+import at
+import numpy as np
+from twinioc.model.lattice_io import write_lattice
+from twinioc.model.tables import write_csv
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "db" / "bessy2"
+
+# Sextupole converters: the Tracy standard-user file names the circuits (s1pr, s2pdr, s3pd1r,
+# s3p1t6r, ...); which magnet hangs on which circuit follows from its name.
+SEXTUPOLE_CIRCUITS = [
+    (r"S1M.*", "S1PR"),
+    (r"S2M.D.R", "S2PDR"),
+    (r"S2M.T.R", "S2PTR"),
+    (r"S3M.D1R", "S3PD1R"),
+    (r"S3M.D.R", "S3PDR"),
+    (r"S3M1T6R", "S3P1T6R"),
+    (r"S3M2T6R", "S3P2T6R"),
+    (r"S3M.T.R", "S3PTR"),
+    (r"S4M.D1R", "S4PD1R"),
+    (r"S4M.D.R", "S4PDR"),
+    (r"S4M1T6R", "S4P1T6R"),
+    (r"S4M2T6R", "S4P2T6R"),
+    (r"S4M.T.R", "S4PTR"),
+]
+# No public current-to-strength calibration exists for the BESSY II sextupoles: the twin assumes
+# one linear transfer function for all of them (PolynomB[2] per ampere), polarity in its sign.
+SEXTUPOLE_B2_PER_AMPERE = 0.2
+SEXTUPOLE_MAX_CURRENT = 300.0
+SEXTUPOLE_SOURCE = "assumed: linear, |PolynomB2| = 0.2 /m3 per A (no public transfer function)"
+
+# QIT6 has no converter in the LOCO table; the pyAML/dt4acc liaison names it PQIT6R.
+QIT6_CONVERTER = "PQIT6R"
+
+# RF master clock: a window around the design frequency within which the twin accepts puts.
+RF_WINDOW_KHZ = 5.0
+
+
+def load_reference_lattice(ref: Path) -> at.Lattice:
+    return at.load_lattice(ref / "lattices" / "bessy2_standard_user.mat")
+
+
+def quadrupole_rows(ring: at.Lattice, ref: Path) -> tuple[list[dict], list[dict]]:
+    """Quadrupole converters and magnets.
+
+    The default current of a converter is the machine's operating current from the LOCO table; each
+    magnet's calibration is then design K1 / that current, so that the defaults reproduce the design
+    lattice exactly (it agrees with the LOCO hw2phys factor within a few per cent).
+    """
+    loco = json.loads((ref / "pvs" / "bessy2_quad_loco_current_hw2phys.json").read_text())
+    transfer = json.loads((ref / "pvs" / "calibration_data.json").read_text())
+    saturation = transfer["I_s"]
+    design_k = {e.FamName: float(e.PolynomB[1]) for e in ring if isinstance(e, at.Quadrupole)}
+
+    def magnet_type(magnet: str) -> str:
+        return "Q5M" if magnet.startswith("Q5") else magnet[:4]
+
+    converters: dict[str, dict] = {}
+    magnets = []
+    for magnet, pc in loco["setpoint"].items():
+        element = magnet if magnet in design_k else magnet + "R"
+        if not pc:  # QIT6: converter named by the liaison table, Q5-type transfer function assumed
+            pc = QIT6_CONVERTER
+            hw2phys = float(np.mean([loco["hw2phys"][m] for m in loco["hw2phys"] if m.startswith("Q5")]))
+            current = design_k[element] / hw2phys
+            high = saturation["Q5M"]
+            source = "assumed: Q5 mean hw2phys (QIT6 has no converter in the LOCO table)"
+        else:
+            hw2phys = loco["hw2phys"][magnet]
+            current = loco["current"][magnet]
+            high = saturation[magnet_type(magnet)]
+            source = f"LOCO hw2phys {hw2phys:.7g} 1/m2/A; design K1 / LOCO current"
+        row = converters.setdefault(
+            pc,
+            {"name": pc, "kind": "quadrupole", "unit": "A", "default": current,
+             "low": 0.0, "high": high, "max_step": "",
+             "source": "LOCO current (dt4acc hw2phys table); DRVH = saturation current I_s"},
+        )
+        row["high"] = min(row["high"], high)
+        magnets.append({"magnet": magnet, "element": element, "converter": pc, "property": "K1",
+                        "calibration": design_k[element] / row["default"], "cal_unit": "1/m2/A",
+                        "source": source})
+    return list(converters.values()), magnets
+
+
+def sextupole_rows(ring: at.Lattice) -> tuple[list[dict], list[dict]]:
+    converters: dict[str, dict] = {}
+    magnets = []
+    for e in ring:
+        if not isinstance(e, at.Sextupole):
+            continue
+        pc = next(pc for pattern, pc in SEXTUPOLE_CIRCUITS if re.fullmatch(pattern, e.FamName))
+        b2 = float(e.PolynomB[2])
+        cal = np.sign(b2) * SEXTUPOLE_B2_PER_AMPERE
+        current = b2 / cal
+        row = converters.setdefault(
+            pc, {"name": pc, "kind": "sextupole", "unit": "A", "default": current, "low": 0.0,
+                 "high": SEXTUPOLE_MAX_CURRENT, "max_step": "", "source": SEXTUPOLE_SOURCE})
+        if not np.isclose(row["default"], current):
+            raise ValueError(f"{e.FamName}: strength differs from the rest of circuit {pc}")
+        magnets.append({"magnet": e.FamName, "element": e.FamName, "converter": pc, "property": "K2",
+                        "calibration": cal, "cal_unit": "1/m3/A", "source": SEXTUPOLE_SOURCE})
+    return list(converters.values()), magnets
+
+
+def steerer_rows(ref: Path) -> tuple[list[dict], list[dict]]:
+    """Steerer windings: pyAML's integrated-field factors (T·m/A), limits from bact."""
+    summary = list(csv.DictReader((ref / "pvs" / "bessy2_pv_summary_DERIVED.csv").open()))
+    limits = json.loads((ref / "pvs" / "steerer_current_limits.json").read_text())
+    bact = {s["name"]: s["conversion"]["slope"]
+            for s in json.loads((ref / "pvs" / "steerer_conversions.json").read_text())["steerers"]}
+    converters, magnets = [], []
+    for row in summary:
+        if row["kind"] not in ("HCM", "VCM"):
+            continue
+        pc = row["power_converter"]
+        lim = limits[pc.lower()]
+        converters.append({
+            "name": pc, "kind": "hsteerer" if row["kind"] == "HCM" else "vsteerer", "unit": "A",
+            "default": 0.0, "low": lim["neg_limit"], "high": lim["pos_limit"],
+            "max_step": lim["pos_limit_dI"], "source": "limits: bact steerer_current_limits.json"})
+        magnets.append({
+            "magnet": row["element"], "element": row["lattice_element"].split("@")[0], "converter": pc,
+            "property": "HKICK" if row["kind"] == "HCM" else "VKICK",
+            "calibration": float(row["calibration"]), "cal_unit": "T.m/A",
+            "source": f"pyAML BESSY2Orbit.yaml; bact slope {bact.get(pc, 'n/a')} (other scale, unused)"})
+    return converters, magnets
+
+
+def rf_row(ring: at.Lattice) -> dict:
+    main_cavities = [i for i, e in enumerate(ring)
+                     if isinstance(e, at.RFCavity) and e.HarmNumber == ring.harmonic_number]
+    f_khz = ring.get_rf_frequency(cavpts=main_cavities) / 1e3
+    return {"name": "MCLKHX251C", "kind": "rf", "unit": "kHz", "default": f_khz,
+            "low": f_khz - RF_WINDOW_KHZ, "high": f_khz + RF_WINDOW_KHZ, "max_step": "",
+            "source": "design h*f_rev of the lattice; window +-5 kHz assumed"}
+
+
+def bpm_rows(ring: at.Lattice, ref: Path) -> list[dict]:
+    summary = [r for r in csv.DictReader((ref / "pvs" / "bessy2_pv_summary_DERIVED.csv").open())
+               if r["kind"] == "BPM"]
+    names = {e.FamName for e in ring}
+    rows = []
+    for index, r in enumerate(summary):
+        if r["lattice_element"] not in names:
+            raise ValueError(f"BPM {r['element']} not in the lattice")
+        rows.append({"index": index, "name": r["element"], "element": r["lattice_element"],
+                     "source": "ORBITCC:rdPos order of pyAML BESSY2Orbit.yaml"})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--reference", type=Path, default=ROOT.parent / "shared" / "reference")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder to write (default: db/bessy2)")
+    args = parser.parse_args()
+    ref = args.reference
+    ring = load_reference_lattice(ref)
+
+    quad_pcs, quad_mags = quadrupole_rows(ring, ref)
+    sext_pcs, sext_mags = sextupole_rows(ring)
+    steer_pcs, steer_mags = steerer_rows(ref)
+    converters = quad_pcs + sext_pcs + steer_pcs + [rf_row(ring)]
+    magnets = quad_mags + sext_mags + steer_mags
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    write_lattice(ring, out / "lattice.json",
+                  source="bessy2_standard_user.mat (pyAML BESSY2 example) via tools/derive_bessy2.py")
+    write_csv(out / "converters.csv", converters)
+    write_csv(out / "magnets.csv", magnets)
+    write_csv(out / "bpms.csv", bpm_rows(ring, ref))
+    print(f"{len(ring)} elements, {len(converters)} converters, {len(magnets)} magnets -> {out}")
+
+
+if __name__ == "__main__":
+    main()
