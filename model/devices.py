@@ -9,11 +9,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import at
 import numpy as np
 
 from .tables import read_csv
+
+if TYPE_CHECKING:
+    import at
 
 SPEED_OF_LIGHT = 299_792_458.0
 

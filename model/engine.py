@@ -18,45 +18,16 @@ import math
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import at
 import numpy as np
 
 from .devices import ELEMENT_FIELDS, SPEED_OF_LIGHT, DeviceMap, SettingError
 from .lattice_io import load_lattice
+from .state import BeamState, Change
 
 __all__ = ["BeamState", "Change", "Engine", "SettingError"]
-
-
-class Change(NamedTuple):
-    device: str
-    quantity: str  # "current" (A) for converters, "frequency" (kHz) for the RF master clock
-    value: float
-
-
-@dataclass
-class BeamState:
-    """What the beam does at one lattice version. Positions in m at the BPMs, in table order."""
-
-    version: int
-    stable: bool
-    x: np.ndarray
-    y: np.ndarray
-    tune: np.ndarray  # (Qx, Qy) including the integer part
-    chromaticity: np.ndarray  # (ξx, ξy); NaN where not computed
-    momentum_offset: float  # δ of the closed orbit
-    rf_frequency: float  # Hz
-    revolution_frequency: float  # Hz
-    computed_at: float = field(default_factory=time.time)
-    compute_seconds: float = 0.0
-    reason: str = ""  # why the beam is lost, when it is
-
-    @property
-    def fractional_tune(self) -> np.ndarray:
-        return self.tune - np.floor(self.tune)
 
 
 class Engine:

@@ -167,6 +167,81 @@ def bpm_rows(ring: at.Lattice, ref: Path) -> list[dict]:
     return rows
 
 
+# Converter status words: their bit layout on the real machine is not public; the twin serves them
+# as two-state mbbi records, a one-line change here when the real meaning is known.
+STATUS_SOURCE = "assumed: state names not public"
+
+
+def pv_row(pv, record, device="", signal="", unit="", prec="", low="", high="", initial="", nelm="",
+           description="", source="") -> dict:
+    return {"pv": pv, "record": record, "device": device, "signal": signal, "unit": unit,
+            "prec": prec, "low": low, "high": high, "initial": initial, "nelm": nelm,
+            "description": description, "source": source}
+
+
+def pv_rows(converters: list[dict], bpms: list[dict]) -> list[dict]:
+    """The BESSY II PV table: real names as the control room spells them, twin PVs under $(P)."""
+    rows = []
+    for c in converters:
+        name = c["name"]
+        if c["kind"] == "rf":
+            rows += [
+                pv_row(f"{name}:freq", "ao", name, "setpoint", "kHz", 6, c["low"], c["high"], c["default"],
+                       description="RF master clock setpoint", source="pyAML BESSY2Orbit.yaml"),
+                pv_row(f"{name}:hwRdFreq", "ai", name, "readback", "kHz", 6,
+                       description="RF master clock readback", source="bact MasterClock device")]
+            continue
+        rows += [
+            pv_row(f"{name}:set", "ao", name, "setpoint", "A", 4, c["low"], c["high"], c["default"],
+                   description=f"{c['kind']} converter setpoint", source="pyAML BESSY2*.yaml naming"),
+            pv_row(f"{name}:rdbk", "ai", name, "readback", "A", 4, description="converter readback",
+                   source="pyAML BESSY2*.yaml naming"),
+            pv_row(f"{name}:stat1", "mbbi", name, "power", description="OFF/ON", source=STATUS_SOURCE),
+            pv_row(f"{name}:stat2", "mbbi", name, "fault", description="OK/FAULT", source=STATUS_SOURCE)]
+    for b in bpms:
+        rows += [pv_row(f"{b['name']}:rdX", "ai", b["name"], "bpm_x", "mm", 6, description="horizontal position",
+                        source="DESIGN.md: per-BPM rdX/rdY in mm"),
+                 pv_row(f"{b['name']}:rdY", "ai", b["name"], "bpm_y", "mm", 6, description="vertical position",
+                        source="DESIGN.md: per-BPM rdX/rdY in mm")]
+    n = len(bpms)
+    rows += [
+        pv_row("ORBITCC:rdPos", "waveform", signal="orbit", unit="nm", prec=0, nelm=2 * n,
+               description="x0,y0,x1,y1,... in BPM order",
+               source="nm: HZB dt4acc and pyAML BESSY2Orbit.yaml read it so"),
+        pv_row("ORBITCC:rdBpmNames", "names", signal="bpm_names", nelm=n, description="BPM names in orbit order",
+               source="DESIGN.md"),
+        pv_row("ORBITCC:rdBpm", "table", signal="bpm_table",
+               description="PVA NTTable: BPM, X [mm], Y [mm]", source="DESIGN.md"),
+        pv_row("TUNEZR:rdH", "ai", signal="tune_h_khz", unit="kHz", prec=3, description="frac(Qx) * f_rev",
+               source="DESIGN.md"),
+        pv_row("TUNEZR:rdV", "ai", signal="tune_v_khz", unit="kHz", prec=3, description="frac(Qy) * f_rev",
+               source="DESIGN.md"),
+        pv_row("CUMZR:rdCur", "ai", signal="beam_current", unit="mA", prec=3, description="stored beam current",
+               source="DESIGN.md"),
+    ]
+    twin = [
+        ("TUNE:X", "ai", "tune_x", "", 5, "fractional horizontal tune"),
+        ("TUNE:Y", "ai", "tune_y", "", 5, "fractional vertical tune"),
+        ("CHROM:X", "ai", "chrom_x", "", 3, "horizontal chromaticity"),
+        ("CHROM:Y", "ai", "chrom_y", "", 3, "vertical chromaticity"),
+        ("MOMENTUM:OFFSET", "ai", "momentum_offset", "", 7, "momentum offset of the closed orbit"),
+        ("ORBIT:X", "waveform", "orbit_x", "mm", 6, "horizontal orbit at the BPMs"),
+        ("ORBIT:Y", "waveform", "orbit_y", "mm", 6, "vertical orbit at the BPMs"),
+        ("ORBIT:COLUMNS", "names", "table_columns", "", "", "column names of ORBITCC:rdBpm"),
+        ("LATTICE:VERSION", "longin", "version", "", "", "lattice version of the published state"),
+        ("UPDATES", "longin", "updates", "", "", "publications since start"),
+        ("COMPUTED:AT", "stringin", "computed_at", "", "", "UTC time of the last computation"),
+        ("COMPUTE:TIME", "ai", "compute_ms", "ms", 2, "duration of the last computation"),
+        ("BEAM:LOST", "bi", "beam_lost", "", "", "no stable closed orbit"),
+        ("BEAM:LOST:REASON", "longstring", "lost_reason", "", "", "why the beam is lost"),
+    ]
+    for suffix, record, signal, unit, prec, description in twin:
+        rows.append(pv_row(f"$(P){suffix}", record, signal=signal, unit=unit, prec=prec,
+                           nelm={"waveform": n, "names": 3}.get(record, ""), description=description,
+                           source="twin only"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference", type=Path, default=ROOT.parent / "shared" / "reference")
@@ -187,7 +262,9 @@ def main() -> None:
                   source="bessy2_standard_user.mat (pyAML BESSY2 example) via tools/derive_bessy2.py")
     write_csv(out / "converters.csv", converters)
     write_csv(out / "magnets.csv", magnets)
-    write_csv(out / "bpms.csv", bpm_rows(ring, ref))
+    bpms = bpm_rows(ring, ref)
+    write_csv(out / "bpms.csv", bpms)
+    write_csv(out / "pvs.csv", pv_rows(converters, bpms))
     print(f"{len(ring)} elements, {len(converters)} converters, {len(magnets)} magnets -> {out}")
 
 

@@ -1,0 +1,34 @@
+# twinioc: `make run` starts the BESSY II twin, `make test` runs the checks. Both set up .venv first.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+ARGS   ?=
+
+.PHONY: install run test lint bench derive clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: install            ## start the BESSY II twin (make run ARGS="--machine mls")
+	$(BIN)/twinioc $(ARGS)
+
+lint: install
+	$(BIN)/ruff check .
+
+test: lint              ## ruff, then the unit and integration tests
+	$(BIN)/python -m pytest
+
+bench: install          ## engine timings against the naive full recomputation
+	$(BIN)/python bench/bench_engine.py
+
+derive: install         ## rebuild db/ from ../shared/reference
+	$(BIN)/python tools/derive_bessy2.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache var

@@ -1,0 +1,127 @@
+"""``twinioc``: start a machine's twin, or list its PVs.
+
+    twinioc                      the BESSY II twin on loopback
+    twinioc --machine mls        another startup file from startup/
+    twinioc --config FILE        a startup file of your own
+    twinioc --list-pvs           print the PV table and exit
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .config import Config
+
+STARTED = time.monotonic()
+log = logging.getLogger("twinioc")
+
+
+def network_defaults(bind: str, explicit: bool) -> None:
+    """Make the servers answer on *bind* only, and send beacons nowhere else.
+
+    The standard EPICS variables win over the startup file; ``--bind`` wins over both.
+    """
+    put = os.environ.__setitem__ if explicit else os.environ.setdefault
+    for name in ("EPICS_CAS_INTF_ADDR_LIST", "EPICS_PVAS_INTF_ADDR_LIST"):
+        put(name, bind)
+    if bind != "0.0.0.0":
+        for name in ("EPICS_CAS_BEACON_ADDR_LIST", "EPICS_PVAS_BEACON_ADDR_LIST", "EPICS_CA_ADDR_LIST"):
+            put(name, bind)
+        for name in ("EPICS_CAS_AUTO_BEACON_ADDR_LIST", "EPICS_PVAS_AUTO_BEACON_ADDR_LIST",
+                     "EPICS_CA_AUTO_ADDR_LIST"):
+            put(name, "NO")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="twinioc", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--machine", default="bessy2", help="startup file name in startup/ (default bessy2)")
+    which.add_argument("--config", type=Path, help="path of a startup file")
+    parser.add_argument("--list-pvs", action="store_true", help="print the PV table and exit")
+    parser.add_argument("--rate", type=float, help="publications per second (overrides the startup file)")
+    parser.add_argument("--prefix", help="prefix of the twin-only PVs (default TWIN:)")
+    parser.add_argument("--bind", help="interface for CA and PVA (default 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--state-dir", type=Path,
+                        help="where setpoints are autosaved (default $TWINIOC_STATE or ./var/<machine>)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser.parse_args(argv)
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    config = Config.load(args.config) if args.config else Config.for_machine(args.machine)
+    if args.rate is not None:
+        if not args.rate > 0:
+            raise SystemExit("twinioc: --rate must be positive")
+        config.rate_hz = args.rate
+    if args.prefix is not None:
+        config.prefix = args.prefix
+    if args.bind is not None:
+        config.bind = args.bind
+    return config
+
+
+def list_pvs(config: Config) -> None:
+    from twinioc.model.tables import read_csv
+
+    print("pv\trecord\tunit\tlow\thigh\tdescription")
+    for row in read_csv(config.tables / "pvs.csv"):
+        pv = row["pv"].replace("$(P)", config.prefix)
+        print("\t".join([pv, row["record"], row["unit"], row["low"], row["high"], row["description"]]))
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s twinioc %(levelname)s %(message)s")
+    config = load_config(args)
+    if args.list_pvs:
+        list_pvs(config)
+        return
+    network_defaults(config.bind, explicit=args.bind is not None)
+
+    from softioc import asyncio_dispatcher, autosave, builder, softioc
+
+    from .physics import PhysicsProcess
+    from .twin import Twin
+
+    physics = PhysicsProcess(config.tables)  # loads the lattice while the records are built
+    state_dir = args.state_dir or Path(os.environ.get("TWINIOC_STATE", Path("var") / config.name))
+    state_dir.mkdir(parents=True, exist_ok=True)
+    autosave.configure(directory=state_dir, name=config.name, save_period=config.autosave_period_s)
+
+    twin = Twin(config, physics)
+    served = twin.build()
+    builder.LoadDatabase()
+    softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())
+    physics.wait_ready()
+    twin.initial_batch()
+    ticker = threading.Thread(target=twin.run, name="twinioc-tick", daemon=True)
+    ticker.start()
+    log.info("%s twin serving %d PVs on %s (CA port %s, PVA port %s); autosave in %s; ready after %.2f s",
+             config.machine, len(served), config.bind, os.environ.get("EPICS_CA_SERVER_PORT", "5064"),
+             os.environ.get("EPICS_PVAS_SERVER_PORT", os.environ.get("EPICS_PVA_SERVER_PORT", "5075")),
+             state_dir, time.monotonic() - STARTED)
+
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(0.5) and ticker.is_alive():
+        pass
+    twin.stop()
+    physics.close()
+    log.info("stopped")
+    sys.stdout.flush()
+    softioc.safeEpicsExit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The engine in its own process.
+
+pyAT holds the GIL for a whole tracking call, so physics run in the IOC's Python would stall every
+put callback and every publication. The IOC talks to this process through a pipe: it sends a batch
+of changes and receives a ``Step`` (what was applied, what was refused, the new beam state).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from twinioc.model.devices import SettingError
+from twinioc.model.state import BeamState, Change
+
+# Changes to these kinds move the optics, so chromaticity is recomputed after them.
+OPTICS_KINDS = {"quadrupole", "sextupole", "rf"}
+
+
+@dataclass
+class Step:
+    state: BeamState
+    applied: dict[str, float] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
+
+
+def _apply_each(engine, changes: list[Change]) -> tuple[dict, dict]:
+    """Apply a batch; if the model refuses it, apply its good changes and report the others."""
+    try:
+        engine.apply(changes)
+        return {c.device: engine.settings[c.device] for c in changes}, {}
+    except SettingError:
+        applied, refused = {}, {}
+        good = []
+        for change in changes:
+            try:
+                engine.check([change])
+                good.append(change)
+            except SettingError as err:
+                refused[change.device] = str(err)
+        engine.apply(good)
+        applied = {c.device: engine.settings[c.device] for c in good}
+        return applied, refused
+
+
+def _serve(conn, tables: str) -> None:
+    from twinioc.model.engine import Engine  # pyAT is loaded here only, never in the IOC process
+
+    engine = Engine.from_folder(Path(tables))
+    kinds = {name: c.kind for name, c in engine.devices.converters.items()}
+    conn.send({name: c.quantity for name, c in engine.devices.converters.items()})
+    chromaticity = True
+    while True:
+        try:
+            changes = conn.recv()
+        except (EOFError, KeyboardInterrupt):
+            return  # the IOC has gone
+        if changes is None:
+            return
+        applied, refused = _apply_each(engine, changes)
+        chromaticity |= any(kinds[d] in OPTICS_KINDS for d in applied)
+        state = engine.compute(chromaticity=chromaticity)
+        chromaticity = not state.stable  # retry next time if it could not be computed
+        conn.send(Step(state, applied, refused))
+
+
+class PhysicsProcess:
+    """Runs an ``Engine`` for the machine tables in *tables* in a child process."""
+
+    def __init__(self, tables: Path):
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self._process = context.Process(target=_serve, args=(child, str(tables)),
+                                        name="twinioc-physics", daemon=True)
+        self._process.start()
+        child.close()
+        self.quantities: dict[str, str] = {}  # device -> "current" | "frequency"
+
+    def wait_ready(self) -> None:
+        """Wait until the engine has loaded its lattice."""
+        self.quantities = self._conn.recv()
+
+    def step(self, changes: list[Change]) -> Step:
+        """Apply *changes* (possibly none) and return the resulting state. Blocks without the GIL."""
+        self._conn.send(changes)
+        return self._conn.recv()
+
+    def close(self) -> None:
+        try:
+            self._conn.send(None)
+        except OSError:
+            pass
+        self._process.join(timeout=2)
+        if self._process.is_alive():
+            self._process.kill()

@@ -1,0 +1,87 @@
+"""One short builder per record kind of the PV tables; defaults stated once.
+
+Each function takes a table row (with ``$(P)`` already substituted in ``pv``) and returns the
+pythonSoftIOC record. Setpoints (``ao``) get the put callbacks; everything else is an input that
+the twin publishes to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from softioc import builder
+
+
+def _number(text: str, default: float | None = None) -> float | None:
+    return float(text) if text not in ("", None) else default
+
+
+def _display(row: dict) -> dict:
+    fields = {}
+    if row["unit"]:
+        fields["EGU"] = row["unit"]
+    if row["prec"] != "":
+        fields["PREC"] = int(row["prec"])
+    if row["description"]:
+        fields["DESC"] = row["description"][:40]
+    return fields
+
+
+def ao(row: dict, on_update: Callable, validate: Callable):
+    low, high = _number(row["low"]), _number(row["high"])
+    # Puts beyond the limits are clamped to DRVL/DRVH by the record and raise a MINOR alarm
+    # (HIHI/LOLO sit at the limits); puts that are not finite numbers are refused by `validate`.
+    return builder.aOut(
+        row["pv"], DRVL=low, DRVH=high, LOPR=low, HOPR=high, HIHI=high, LOLO=low,
+        HHSV="MINOR", LLSV="MINOR", initial_value=_number(row["initial"], 0.0),
+        on_update=on_update, validate=validate, autosave=True, **_display(row))
+
+
+def ai(row: dict):
+    return builder.aIn(row["pv"], initial_value=0.0, **_display(row))
+
+
+def longin(row: dict):
+    return builder.longIn(row["pv"], initial_value=0, **_display(row))
+
+
+def mbbi(row: dict):
+    low, high = row["description"].split("/")
+    return builder.mbbIn(row["pv"], low, (high, "MAJOR") if high == "FAULT" else high, initial_value=0)
+
+
+def bi(row: dict):
+    return builder.boolIn(row["pv"], "OK", "LOST", OSV="MAJOR", initial_value=0)
+
+
+def stringin(row: dict):
+    return builder.stringIn(row["pv"], initial_value="", **_display(row))
+
+
+def longstring(row: dict):
+    return builder.longStringIn(row["pv"], initial_value="", length=256)
+
+
+def waveform(row: dict):
+    return builder.WaveformIn(row["pv"], np.zeros(int(row["nelm"])), **_display(row))
+
+
+def names(row: dict, values: list[str]):
+    return builder.WaveformIn(row["pv"], initial_value=values, **_display(row))
+
+
+def table_group(name: str, labels, columns: dict[str, object]) -> None:
+    """Serve the records in *columns* together as one PVA NTTable (a QSRV group) named *name*.
+
+    *labels* is a string-array record holding the column names. The group is published as a
+    whole when the last column's record is updated.
+    """
+    labels.add_info("Q:group", {name: {"+id": "epics:nt/NTTable:1.0",
+                                       "labels": {"+channel": "VAL", "+type": "plain"}}})
+    last = list(columns)[-1]
+    for column, record in columns.items():
+        field = {"+channel": "VAL", "+type": "plain"}
+        if column == last:
+            field["+trigger"] = "*"
+        record.add_info("Q:group", {name: {f"value.{column}": field}})

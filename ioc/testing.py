@@ -1,0 +1,135 @@
+"""Start a twin as a subprocess on free loopback ports, for tests and benchmarks.
+
+    with TwinProcess("bessy2") as twin:
+        os.environ.update(twin.client_env)   # before pyepics/p4p make their contexts
+        ...
+
+Each twin gets its own CA server, CA repeater, PVA server and PVA broadcast ports on 127.0.0.1, so
+that several can run side by side and none talks to anything but loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A port that is free for both TCP and UDP on loopback right now."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind((LOOPBACK, 0))
+            port = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind((LOOPBACK, port))
+                except OSError:
+                    continue
+            return port
+
+
+class TwinProcess:
+    def __init__(self, machine: str = "bessy2", *args: str, state_dir: Path | None = None,
+                 ready_pv: str = "TWIN:UPDATES", timeout: float = 60.0):
+        self.machine = machine
+        self.args = list(args)
+        self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix=f"twinioc-{machine}-"))
+        self.ready_pv = ready_pv
+        self.timeout = timeout
+        self.ca_port, self.repeater_port, self.pva_port, self.pva_broadcast = (free_port() for _ in range(4))
+        self.process: subprocess.Popen | None = None
+        self.log_path = self.state_dir / "ioc.log"
+        self.startup_seconds = float("nan")
+
+    @property
+    def server_env(self) -> dict[str, str]:
+        return {
+            "EPICS_CA_SERVER_PORT": str(self.ca_port),
+            "EPICS_CA_REPEATER_PORT": str(self.repeater_port),
+            "EPICS_CAS_INTF_ADDR_LIST": LOOPBACK,
+            "EPICS_CAS_BEACON_ADDR_LIST": LOOPBACK,
+            "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
+            "EPICS_CA_ADDR_LIST": LOOPBACK,
+            "EPICS_CA_AUTO_ADDR_LIST": "NO",
+            "EPICS_PVAS_INTF_ADDR_LIST": LOOPBACK,
+            "EPICS_PVAS_SERVER_PORT": str(self.pva_port),
+            "EPICS_PVAS_BROADCAST_PORT": str(self.pva_broadcast),
+            "EPICS_PVAS_BEACON_ADDR_LIST": LOOPBACK,
+            "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO",
+        }
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """What a CA or PVA client needs to find this twin and nothing else."""
+        return {
+            "EPICS_CA_ADDR_LIST": f"{LOOPBACK}:{self.ca_port}",
+            "EPICS_CA_AUTO_ADDR_LIST": "NO",
+            "EPICS_CA_SERVER_PORT": str(self.ca_port),
+            "EPICS_CA_REPEATER_PORT": str(self.repeater_port),
+            "EPICS_PVA_ADDR_LIST": LOOPBACK,
+            "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+            "EPICS_PVA_SERVER_PORT": str(self.pva_port),
+            "EPICS_PVA_BROADCAST_PORT": str(self.pva_broadcast),
+        }
+
+    @property
+    def pva_conf(self) -> dict[str, str]:
+        """The client settings for ``p4p.client.thread.Context('pva', conf=..., useenv=False)``."""
+        return {k: v for k, v in self.client_env.items() if k.startswith("EPICS_PVA")}
+
+    def start(self) -> TwinProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")}
+        env.update(self.server_env)
+        command = [sys.executable, "-m", "twinioc.ioc.cli", "--machine", self.machine,
+                   "--state-dir", str(self.state_dir), *self.args]
+        started = time.monotonic()
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_ready()
+        self.startup_seconds = time.monotonic() - started
+        return self
+
+    def _wait_ready(self) -> None:
+        """Poll with fresh, short CA searches (a pyepics context backs off between searches)."""
+        deadline = time.monotonic() + self.timeout
+        env = {**os.environ, **self.client_env}
+        probe = ("import sys, epics; v = epics.caget(sys.argv[1], timeout=0.5, connection_timeout=0.5); "
+                 "sys.exit(0 if v is not None and v > 0 else 1)")
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"twin exited with {self.process.returncode}:\n{self.log()}")
+            done = subprocess.run([sys.executable, "-c", probe, self.ready_pv], env=env,
+                                  capture_output=True)
+            if done.returncode == 0:
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"twin not ready after {self.timeout} s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, sig)
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def __enter__(self) -> TwinProcess:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
