@@ -100,10 +100,10 @@ def main(argv: list[str] | None = None) -> None:
 
     twin = Twin(config, physics)
     served = twin.build()
-    builder.LoadDatabase()
-    softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())
-    physics.wait_ready()
+    builder.LoadDatabase()  # restores autosaved setpoints into the records
+    physics.wait_ready()  # before serving, so that every put has a model to go to
     twin.initial_batch()
+    softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())
     ticker = threading.Thread(target=twin.run, name="twinioc-tick", daemon=True)
     ticker.start()
     log.info("%s twin serving %d PVs on %s (CA port %s, PVA port %s); autosave in %s; ready after %.2f s",

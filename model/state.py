@@ -24,7 +24,7 @@ class BeamState:
     x: np.ndarray
     y: np.ndarray
     tune: np.ndarray  # (Qx, Qy) including the integer part
-    chromaticity: np.ndarray  # (ξx, ξy); NaN where not computed
+    chromaticity: np.ndarray  # (ξx, ξy) of the last computation that included them; NaN before
     momentum_offset: float  # δ of the closed orbit
     rf_frequency: float  # Hz
     revolution_frequency: float  # Hz
