@@ -26,22 +26,16 @@ class Step:
 
 
 def _apply_each(engine, changes: list[Change]) -> tuple[dict, dict]:
-    """Apply a batch; if the model refuses it, apply its good changes and report the others."""
-    try:
-        engine.apply(changes)
-        return {c.device: engine.settings[c.device] for c in changes}, {}
-    except SettingError:
-        applied, refused = {}, {}
-        good = []
-        for change in changes:
-            try:
-                engine.check([change])
-                good.append(change)
-            except SettingError as err:
-                refused[change.device] = str(err)
-        engine.apply(good)
-        applied = {c.device: engine.settings[c.device] for c in good}
-        return applied, refused
+    """Apply the changes the model accepts as one batch; report the others with the reason."""
+    good, refused = [], {}
+    for change in changes:
+        try:
+            engine.check([change])
+            good.append(change)
+        except SettingError as err:
+            refused[change.device] = str(err)
+    engine.apply(good)
+    return {c.device: engine.settings[c.device] for c in good}, refused
 
 
 def _serve(conn, tables: str) -> None:
