@@ -25,10 +25,12 @@ test: lint              ## ruff, then the unit and integration tests
 	$(BIN)/python -m pytest
 
 bench: install          ## engine timings against the naive full recomputation
-	$(BIN)/python bench/bench_engine.py
+	$(BIN)/python bench/bench_engine.py --machine bessy2
+	$(BIN)/python bench/bench_engine.py --machine mls
 
 derive: install         ## rebuild db/ from ../shared/reference
 	$(BIN)/python tools/derive_bessy2.py
+	$(BIN)/python tools/derive_mls.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache var

@@ -60,7 +60,7 @@ def main() -> None:
           f"{platform.processor() or platform.machine()}, pyAT {at.__version__}")
     print(f"{'what':52s} {'median ms':>10s} {'rate /s':>8s} {'ratio':>7s}")
     for label, t in [("compute(): orbit at BPMs + tunes", orbit_tunes),
-                     ("compute(): orbit at BPMs + tunes + chromaticity", with_chrom),
+                     ("compute(): + chromaticity, alpha_c, Qs", with_chrom),
                      ("naive: 6D optics everywhere + chrom + emittance", naive)]:
         print(f"{label:52s} {t * 1e3:10.1f} {1 / t:8.1f} {naive / t:6.1f}x")
 

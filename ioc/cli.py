@@ -2,6 +2,8 @@
 
     twinioc                      the BESSY II twin on loopback
     twinioc --machine mls        another startup file from startup/
+    twinioc --machine mls --optics low_alpha
+                                 start in one of the machine's optics modes
     twinioc --config FILE        a startup file of your own
     twinioc --list-pvs           print the PV table and exit
 """
@@ -16,6 +18,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from twinioc.model.devices import read_optics
 
 from .config import Config
 
@@ -47,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     which.add_argument("--machine", default="bessy2", help="startup file name in startup/ (default bessy2)")
     which.add_argument("--config", type=Path, help="path of a startup file")
     parser.add_argument("--list-pvs", action="store_true", help="print the PV table and exit")
+    parser.add_argument("--optics", metavar="MODE",
+                        help="load this optics mode of the machine at start (overrides restored setpoints)")
     parser.add_argument("--rate", type=float, help="publications per second (overrides the startup file)")
     parser.add_argument("--prefix", help="prefix of the twin-only PVs (default TWIN:)")
     parser.add_argument("--bind", help="interface for CA and PVA (default 127.0.0.1; 0.0.0.0 for all)")
@@ -83,6 +89,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s twinioc %(levelname)s %(message)s")
     config = load_config(args)
+    modes = read_optics(config.tables)
+    if args.optics and args.optics not in modes:
+        raise SystemExit(f"twinioc: {config.machine} has no optics mode {args.optics!r} "
+                         f"(known: {', '.join(modes) or 'none'})")
     if args.list_pvs:
         list_pvs(config)
         return
@@ -103,6 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     builder.LoadDatabase()  # restores autosaved setpoints into the records
     physics.wait_ready()  # before serving, so that every put has a model to go to
     twin.initial_batch()
+    if args.optics:
+        twin.select_optics(args.optics)
     softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())
     ticker = threading.Thread(target=twin.run, name="twinioc-tick", daemon=True)
     ticker.start()

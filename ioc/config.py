@@ -19,6 +19,7 @@ class Config:
     prefix: str = "TWIN:"
     rate_hz: float = 10.0
     beam_current_mA: float = 300.0
+    lifetime_h: float = 8.0
     bind: str = "127.0.0.1"
     autosave_period_s: float = 2.0
 
@@ -34,6 +35,7 @@ class Config:
             prefix=data.get("prefix", "TWIN:"),
             rate_hz=float(data.get("rate_hz", 10.0)),
             beam_current_mA=float(data.get("beam", {}).get("current_mA", 300.0)),
+            lifetime_h=float(data.get("beam", {}).get("lifetime_h", 8.0)),
             bind=data.get("network", {}).get("bind", "127.0.0.1"),
             autosave_period_s=float(data.get("autosave", {}).get("period_s", 2.0)),
         )

@@ -15,7 +15,7 @@ from twinioc.model.devices import SettingError
 from twinioc.model.state import BeamState, Change
 
 # Changes to these kinds move the optics, so chromaticity is recomputed after them.
-OPTICS_KINDS = {"quadrupole", "sextupole", "rf"}
+OPTICS_KINDS = {"quadrupole", "sextupole", "octupole", "dipole", "rf"}
 
 
 @dataclass

@@ -85,3 +85,10 @@ def table_group(name: str, labels, columns: dict[str, object]) -> None:
         if column == last:
             field["+trigger"] = "*"
         record.add_info("Q:group", {name: {f"value.{column}": field}})
+
+
+def mbbo(row: dict, states: list[str], on_select: Callable[[str], None]):
+    """A choice among *states* (at most 16); a put calls *on_select* with the chosen state's name."""
+    initial = states.index(row["initial"]) if row["initial"] in states else 0
+    return builder.mbbOut(row["pv"], *states, initial_value=initial, autosave=True,
+                          on_update=lambda index: on_select(states[int(index)]))

@@ -5,7 +5,9 @@
         ...
 
 Each twin gets its own CA server, CA repeater, PVA server and PVA broadcast ports on 127.0.0.1, so
-that several can run side by side and none talks to anything but loopback.
+that several can run side by side and none talks to anything but loopback. ``client_env(*twins)``
+lets one client reach several at once (give them different ``prefix``es: the twin-only names would
+clash otherwise).
 """
 
 from __future__ import annotations
@@ -38,16 +40,18 @@ def free_port() -> int:
 
 class TwinProcess:
     def __init__(self, machine: str = "bessy2", *args: str, state_dir: Path | None = None,
-                 ready_pv: str = "TWIN:UPDATES", timeout: float = 60.0):
+                 prefix: str = "TWIN:", timeout: float = 60.0):
         self.machine = machine
-        self.args = list(args)
+        self.args = [*args, "--prefix", prefix]
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix=f"twinioc-{machine}-"))
-        self.ready_pv = ready_pv
+        self.prefix = prefix
+        self.ready_pv = f"{prefix}UPDATES"
         self.timeout = timeout
         self.ca_port, self.repeater_port, self.pva_port, self.pva_broadcast = (free_port() for _ in range(4))
         self.process: subprocess.Popen | None = None
         self.log_path = self.state_dir / "ioc.log"
         self.startup_seconds = float("nan")
+        self._started = float("nan")
 
     @property
     def server_env(self) -> dict[str, str]:
@@ -69,36 +73,32 @@ class TwinProcess:
     @property
     def client_env(self) -> dict[str, str]:
         """What a CA or PVA client needs to find this twin and nothing else."""
-        return {
-            "EPICS_CA_ADDR_LIST": f"{LOOPBACK}:{self.ca_port}",
-            "EPICS_CA_AUTO_ADDR_LIST": "NO",
-            "EPICS_CA_SERVER_PORT": str(self.ca_port),
-            "EPICS_CA_REPEATER_PORT": str(self.repeater_port),
-            "EPICS_PVA_ADDR_LIST": LOOPBACK,
-            "EPICS_PVA_AUTO_ADDR_LIST": "NO",
-            "EPICS_PVA_SERVER_PORT": str(self.pva_port),
-            "EPICS_PVA_BROADCAST_PORT": str(self.pva_broadcast),
-        }
+        return client_env(self)
 
     @property
     def pva_conf(self) -> dict[str, str]:
         """The client settings for ``p4p.client.thread.Context('pva', conf=..., useenv=False)``."""
-        return {k: v for k, v in self.client_env.items() if k.startswith("EPICS_PVA")}
+        return pva_conf(self)
 
     def start(self) -> TwinProcess:
+        """Start the twin and wait until it serves."""
+        self.launch()
+        self.wait_ready()
+        return self
+
+    def launch(self) -> TwinProcess:
+        """Start the twin's process without waiting (``wait_ready`` waits)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")}
         env.update(self.server_env)
         command = [sys.executable, "-m", "twinioc.ioc.cli", "--machine", self.machine,
                    "--state-dir", str(self.state_dir), *self.args]
-        started = time.monotonic()
+        self._started = time.monotonic()
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_ready()
-        self.startup_seconds = time.monotonic() - started
         return self
 
-    def _wait_ready(self) -> None:
+    def wait_ready(self) -> None:
         """Poll with fresh, short CA searches (a pyepics context backs off between searches)."""
         deadline = time.monotonic() + self.timeout
         env = {**os.environ, **self.client_env}
@@ -110,6 +110,7 @@ class TwinProcess:
             done = subprocess.run([sys.executable, "-c", probe, self.ready_pv], env=env,
                                   capture_output=True)
             if done.returncode == 0:
+                self.startup_seconds = time.monotonic() - self._started
                 return
             time.sleep(0.1)
         self.stop()
@@ -133,3 +134,23 @@ class TwinProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def client_env(*twins: TwinProcess) -> dict[str, str]:
+    """The CA and PVA client settings that reach *twins* (all on loopback) and nothing else."""
+    first = twins[0]
+    return {
+        "EPICS_CA_ADDR_LIST": " ".join(f"{LOOPBACK}:{t.ca_port}" for t in twins),
+        "EPICS_CA_AUTO_ADDR_LIST": "NO",
+        "EPICS_CA_SERVER_PORT": str(first.ca_port),
+        "EPICS_CA_REPEATER_PORT": str(first.repeater_port),
+        "EPICS_PVA_ADDR_LIST": " ".join(f"{LOOPBACK}:{t.pva_broadcast}" for t in twins),
+        "EPICS_PVA_AUTO_ADDR_LIST": "NO",
+        "EPICS_PVA_SERVER_PORT": str(first.pva_port),
+        "EPICS_PVA_BROADCAST_PORT": str(first.pva_broadcast),
+    }
+
+
+def pva_conf(*twins: TwinProcess) -> dict[str, str]:
+    """Settings for ``p4p.client.thread.Context('pva', conf=..., useenv=False)`` that reach *twins*."""
+    return {k: v for k, v in client_env(*twins).items() if k.startswith("EPICS_PVA")}

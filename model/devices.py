@@ -20,12 +20,21 @@ if TYPE_CHECKING:
 
 SPEED_OF_LIGHT = 299_792_458.0
 
-# What a winding sets on its element (a pyAT attribute) and how its calibration reads:
-#   PolynomB[1] (= K1, 1/m^2)   calibration in 1/m^2 per A
-#   PolynomB[2] (pyAT's H, 1/m^3) calibration in 1/m^3 per A
-#   KickAngle[0|1] (rad)         calibration is an integrated field in T.m per A: kick = c*I/(B*rho)
-ELEMENT_FIELDS = {"K1": ("PolynomB", 1), "K2": ("PolynomB", 2),
-                  "HKICK": ("KickAngle", 0), "VKICK": ("KickAngle", 1)}
+# What a winding sets on its element (a pyAT attribute, an index or None for a scalar) and how its
+# calibration reads:
+#   K1     PolynomB[1] (1/m^2)          calibration in 1/m^2 per A
+#   K2     PolynomB[2] (pyAT's H, 1/m^3) calibration in 1/m^3 per A
+#   K3     PolynomB[3] (1/m^4)          calibration in 1/m^4 per A
+#   HKICK, VKICK  KickAngle[0|1] (rad)  an integrated field in T.m per A: kick = c*I/(B*rho)
+#   BEND   a dipole's field relative to its design, B/B0 = c*I; the engine turns the excess into
+#          PolynomB[0] = (B/B0 - 1) * angle / length
+#   VOLTAGE  a cavity's Voltage (V)      calibration in V per kV
+ELEMENT_FIELDS = {"K1": ("PolynomB", 1), "K2": ("PolynomB", 2), "K3": ("PolynomB", 3),
+                  "HKICK": ("KickAngle", 0), "VKICK": ("KickAngle", 1),
+                  "BEND": ("PolynomB", 0), "VOLTAGE": ("Voltage", None)}
+
+# The property a client sets on each kind of device (anything not listed: "current" in A).
+QUANTITIES = {"rf": "frequency", "cavity": "voltage"}
 
 
 class SettingError(ValueError):
@@ -55,10 +64,10 @@ class Winding:
 
 @dataclass(frozen=True)
 class PowerConverter:
-    """A settable device: a magnet power converter (A) or the RF master clock (kHz)."""
+    """A settable device: a magnet power converter (A), the RF master clock (kHz), a cavity (kV)."""
 
     name: str
-    kind: str  # quadrupole | sextupole | hsteerer | vsteerer | rf
+    kind: str  # quadrupole | sextupole | octupole | hsteerer | vsteerer | dipole | rf | cavity
     unit: str
     default: float
     low: float
@@ -68,7 +77,7 @@ class PowerConverter:
 
     @property
     def quantity(self) -> str:
-        return "frequency" if self.kind == "rf" else "current"
+        return QUANTITIES.get(self.kind, "current")
 
     def check(self, quantity: str, value: object) -> float:
         """Return *value* as a float, or raise ``SettingError`` saying why it is refused."""
@@ -135,3 +144,16 @@ class DeviceMap:
         except KeyError:
             raise SettingError(f"unknown device {device!r}") from None
         return converter.check(quantity, value)
+
+
+def read_optics(folder: Path) -> dict[str, dict[str, float]]:
+    """The optics modes in ``optics.csv`` of *folder*: mode -> {converter: setting}, in table order.
+
+    A machine without the table has no modes.
+    """
+    path = Path(folder) / "optics.csv"
+    modes: dict[str, dict[str, float]] = {}
+    if path.is_file():
+        for row in read_csv(path):
+            modes.setdefault(row["mode"], {})[row["device"]] = float(row["value"])
+    return modes

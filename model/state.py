@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -11,7 +12,7 @@ import numpy as np
 
 class Change(NamedTuple):
     device: str
-    quantity: str  # "current" (A) for converters, "frequency" (kHz) for the RF master clock
+    quantity: str  # "current" (A) for converters, "frequency" (kHz) for the RF, "voltage" (kV) for cavities
     value: float
 
 
@@ -28,6 +29,9 @@ class BeamState:
     momentum_offset: float  # δ of the closed orbit
     rf_frequency: float  # Hz
     revolution_frequency: float  # Hz
+    synchrotron_tune: float = math.nan  # Qs of the main RF system
+    momentum_compaction: float = math.nan  # α_c, computed with the chromaticities
+    energy: float = math.nan  # eV: the energy the dipole field is set for
     computed_at: float = field(default_factory=time.time)
     compute_seconds: float = 0.0
     reason: str = ""  # why the beam is lost, when it is

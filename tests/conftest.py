@@ -7,6 +7,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DB = ROOT / "db"
 REFERENCE = ROOT.parent / "shared" / "reference"
+# The MLS twin of the test session carries its own prefix: both twins serve the twin-only names,
+# and one client reaches both.
+MLS_PREFIX = "TWIN:MLS:"
 
 
 @pytest.fixture
@@ -24,25 +27,54 @@ def bessy2():
     return Engine.from_folder(DB / "bessy2")
 
 
+@pytest.fixture
+def mls():
+    from twinioc.model import Engine
+
+    return Engine.from_folder(DB / "mls")
+
+
 @pytest.fixture(scope="session")
-def bessy2_ioc(tmp_path_factory):
-    """A BESSY II twin on free loopback ports for the whole session; the client env points at it."""
+def twins(tmp_path_factory):
+    """A BESSY II and an MLS twin, side by side on free loopback ports, for the whole session.
+
+    Both start at once; the client environment (CA and PVA) reaches both of them.
+    """
     import os
 
-    from twinioc.ioc.testing import TwinProcess
+    from twinioc.ioc.testing import TwinProcess, client_env
 
-    twin = TwinProcess("bessy2", state_dir=tmp_path_factory.mktemp("bessy2"))
-    twin.start()
-    os.environ.update(twin.client_env)
-    yield twin
-    twin.stop()
-    assert "Traceback" not in twin.log(), twin.log()
+    both = {"bessy2": TwinProcess("bessy2", state_dir=tmp_path_factory.mktemp("bessy2")),
+            "mls": TwinProcess("mls", state_dir=tmp_path_factory.mktemp("mls"), prefix=MLS_PREFIX)}
+    try:
+        for twin in both.values():
+            twin.launch()
+        for twin in both.values():
+            twin.wait_ready()
+        os.environ.update(client_env(*both.values()))
+        yield both
+    finally:
+        for twin in both.values():
+            twin.stop()
+    for twin in both.values():
+        assert "Traceback" not in twin.log(), twin.log()
 
 
 @pytest.fixture(scope="session")
-def pva(bessy2_ioc):
-    from p4p.client.thread import Context
+def bessy2_ioc(twins):
+    return twins["bessy2"]
 
-    context = Context("pva", conf=bessy2_ioc.pva_conf, useenv=False)
+
+@pytest.fixture(scope="session")
+def mls_ioc(twins):
+    return twins["mls"]
+
+
+@pytest.fixture(scope="session")
+def pva(twins):
+    from p4p.client.thread import Context
+    from twinioc.ioc.testing import pva_conf
+
+    context = Context("pva", conf=pva_conf(*twins.values()), useenv=False)
     yield context
     context.close()

@@ -25,13 +25,20 @@ def sliced_optics(ring: at.Lattice, index: int, slices: int = 16):
     return centres(edges.beta), centres(edges.mu), centres(edges.dispersion[:, 0])
 
 
+def _at_bpms(ring: at.Lattice, bpms: np.ndarray):
+    """Optics at *bpms* in the order given (pyAT itself wants ascending refpts)."""
+    ascending = np.sort(bpms)
+    _, ringdata, optics = ring.get_optics(refpts=ascending)
+    return ringdata, optics[np.searchsorted(ascending, bpms)]
+
+
 def orbit_response(ring: at.Lattice, bpms: np.ndarray, kicker: int, plane: int, theta: float):
     """Closed-orbit change at *bpms* for a kick *theta* at element *kicker*, at fixed path length.
 
     Δx_i = θ [√(β_i β_j) cos(|φ_i − φ_j| − πQ) / (2 sin πQ) − η_i η_j / (α_c C)]; the second term
     (horizontal only) is the momentum change that keeps the path length, i.e. the RF, fixed.
     """
-    _, ringdata, bpm = ring.get_optics(refpts=bpms)
+    _, bpm = _at_bpms(ring, bpms)
     _, _, end = ring.get_optics(refpts=len(ring))
     q = end.mu[-1, plane] / (2 * np.pi)
     beta_k, mu_k, eta_k = (np.mean(v, axis=0) for v in sliced_optics(ring, kicker))
@@ -54,7 +61,7 @@ def tune_shift(ring: at.Lattice, elements: list[int], dk: list[float]) -> np.nda
 
 def dispersion_orbit(ring: at.Lattice, bpms: np.ndarray, df_over_f: float) -> np.ndarray:
     """Horizontal orbit change η·δ of an RF step, with δ = −(Δf/f)/α_c."""
-    _, _, bpm = ring.get_optics(refpts=bpms)
+    _, bpm = _at_bpms(ring, bpms)
     return bpm.dispersion[:, 0] * (-df_over_f / ring.get_mcf())
 
 

@@ -10,6 +10,7 @@ import time
 import epics
 import numpy as np
 import pytest
+from ca import TwinClient, caget, wait_for
 from conftest import DB
 from physics import dispersion_orbit, relative_error
 from twinioc.model import Change, Engine
@@ -19,35 +20,7 @@ PVS = [row["pv"].replace("$(P)", "TWIN:") for row in read_csv(DB / "bessy2" / "p
 CA_PVS = [pv for pv in PVS if pv != "ORBITCC:rdBpm"]  # the NTTable is a PVA-only group
 
 
-def wait_for(read, condition, timeout=10.0):
-    """Poll *read()* until *condition(value)* holds; return the last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = read()
-        if (value is not None and condition(value)) or time.monotonic() > deadline:
-            return value
-        time.sleep(0.05)
-
-
-def caget(pv, **kw):
-    return epics.caget(pv, timeout=5, **kw)
-
-
-def settle(bessy2_ioc):
-    """Wait until the twin has published a state computed after every put so far."""
-    version = caget("TWIN:LATTICE:VERSION")
-    updates = caget("TWIN:UPDATES")
-    wait_for(lambda: caget("TWIN:UPDATES"), lambda u: u >= updates + 2)
-    return version
-
-
-def put_and_settle(pv, value):
-    before = caget("TWIN:LATTICE:VERSION")
-    assert epics.caput(pv, value, wait=True, timeout=5) == 1
-    after = wait_for(lambda: caget("TWIN:LATTICE:VERSION"), lambda v: v > before)
-    assert after > before, f"{pv} put did not reach the model"
-    updates = caget("TWIN:UPDATES")
-    wait_for(lambda: caget("TWIN:UPDATES"), lambda u: u > updates)
+twin = TwinClient("TWIN:")
 
 
 @pytest.fixture
@@ -97,7 +70,7 @@ def test_metadata_of_a_setpoint(bessy2_ioc):
 
 def test_steerer_put_moves_the_orbit_as_the_model_predicts(bessy2_ioc, model):
     before = caget("ORBITCC:rdPos")
-    put_and_settle("HS4P1T2R:set", 0.3)
+    twin.put("HS4P1T2R:set", 0.3)
     try:
         assert caget("HS4P1T2R:rdbk") == pytest.approx(0.3)
         after = caget("ORBITCC:rdPos")
@@ -110,14 +83,14 @@ def test_steerer_put_moves_the_orbit_as_the_model_predicts(bessy2_ioc, model):
         per_bpm = np.array(epics.caget_many([f"{b['name']}:rdX" for b in read_csv(DB / "bessy2" / "bpms.csv")]))
         np.testing.assert_allclose(per_bpm, after[0::2] * 1e-6, atol=1e-6)  # mm vs nm
     finally:
-        put_and_settle("HS4P1T2R:set", 0.0)
+        twin.put("HS4P1T2R:set", 0.0)
 
 
 def test_quadrupole_put_moves_the_tunes_as_the_model_predicts(bessy2_ioc, model):
     nominal = caget("Q3PD2R:set")
     f_rev = 299792458 / 240.00839
     h0, v0 = caget("TUNEZR:rdH"), caget("TUNEZR:rdV")
-    put_and_settle("Q3PD2R:set", nominal + 2.0)
+    twin.put("Q3PD2R:set", nominal + 2.0)
     try:
         h1, v1 = caget("TUNEZR:rdH"), caget("TUNEZR:rdV")
         q0 = model.compute(chromaticity=False).tune
@@ -127,13 +100,13 @@ def test_quadrupole_put_moves_the_tunes_as_the_model_predicts(bessy2_ioc, model)
         np.testing.assert_allclose([(h1 - h0) * 1e3 / f_rev, (v1 - v0) * 1e3 / f_rev], dq, rtol=0.01)
         assert caget("TWIN:TUNE:X") == pytest.approx(h1 * 1e3 / f_rev, rel=1e-4)
     finally:
-        put_and_settle("Q3PD2R:set", nominal)
+        twin.put("Q3PD2R:set", nominal)
 
 
 def test_rf_put_moves_the_orbit_through_dispersion(bessy2_ioc, model):
     f0 = caget("MCLKHX251C:freq")
     before = caget("ORBITCC:rdPos")
-    put_and_settle("MCLKHX251C:freq", f0 + 0.5)
+    twin.put("MCLKHX251C:freq", f0 + 0.5)
     try:
         assert caget("MCLKHX251C:hwRdFreq") == pytest.approx(f0 + 0.5)
         measured = (caget("ORBITCC:rdPos") - before)[0::2] * 1e-9
@@ -141,11 +114,11 @@ def test_rf_put_moves_the_orbit_through_dispersion(bessy2_ioc, model):
         assert relative_error(measured, expected) < 0.03
         assert caget("TWIN:MOMENTUM:OFFSET") == pytest.approx(-0.5 / f0 / model.ring.get_mcf(), rel=0.03)
     finally:
-        put_and_settle("MCLKHX251C:freq", f0)
+        twin.put("MCLKHX251C:freq", f0)
 
 
 def test_nan_is_refused_with_an_alarm_and_the_old_value_stays(bessy2_ioc):
-    put_and_settle("VS3P2D1R:set", 0.25)
+    twin.put("VS3P2D1R:set", 0.25)
     version = caget("TWIN:LATTICE:VERSION")
     epics.caput("VS3P2D1R:set", math.nan, wait=True, timeout=5)
     # the record refuses NaN (UDF/INVALID), then the twin marks the refusal (WRITE/MINOR)
@@ -153,9 +126,9 @@ def test_nan_is_refused_with_an_alarm_and_the_old_value_stays(bessy2_ioc):
     assert epics.caget("VS3P2D1R:set.SEVR") >= 1
     assert caget("VS3P2D1R:set") == pytest.approx(0.25)
     assert caget("VS3P2D1R:rdbk") == pytest.approx(0.25)
-    settle(bessy2_ioc)
+    twin.settle()
     assert caget("TWIN:LATTICE:VERSION") == version
-    put_and_settle("VS3P2D1R:set", 0.0)  # a good put clears the alarm
+    twin.put("VS3P2D1R:set", 0.0)  # a good put clears the alarm
     assert wait_for(lambda: epics.caget("VS3P2D1R:set.SEVR", as_string=False), lambda s: s == 0) == 0
 
 
@@ -166,23 +139,23 @@ def test_beyond_the_limits_is_clamped_with_an_alarm(bessy2_ioc, value):
     assert wait_for(lambda: caget("HS1PD4R:rdbk"), lambda v: v == limit) == limit
     assert caget("HS1PD4R:set") == limit
     assert epics.caget("HS1PD4R:set.SEVR") == 1
-    put_and_settle("HS1PD4R:set", 0.0)
+    twin.put("HS1PD4R:set", 0.0)
 
 
 def test_a_string_put_is_refused(bessy2_ioc, pva):
-    put_and_settle("VS2P1T5R:set", 0.1)
+    twin.put("VS2P1T5R:set", 0.1)
     with pytest.raises(Exception):  # noqa: B017 - the client library refuses to convert
         epics.caput("VS2P1T5R:set", "not a number", wait=True, timeout=5)
     with pytest.raises(Exception):  # noqa: B017
         pva.put("VS2P1T5R:set", "not a number", timeout=5)
     assert caget("VS2P1T5R:set") == pytest.approx(0.1)
     assert caget("TUNEZR:rdH") is not None  # still serving
-    put_and_settle("VS2P1T5R:set", 0.0)
+    twin.put("VS2P1T5R:set", 0.0)
 
 
 def test_unstable_setting_loses_the_beam_and_restoring_recovers(bessy2_ioc):
     nominal = caget("Q1PDR:set")
-    put_and_settle("Q1PDR:set", 300.0)
+    twin.put("Q1PDR:set", 300.0)
     try:
         assert caget("TWIN:BEAM:LOST") == 1
         assert caget("CUMZR:rdCur") == 0.0
@@ -190,7 +163,7 @@ def test_unstable_setting_loses_the_beam_and_restoring_recovers(bessy2_ioc):
         assert epics.caget("TUNEZR:rdH.SEVR") == 3
         assert caget("TWIN:BEAM:LOST:REASON", as_string=True)
     finally:
-        put_and_settle("Q1PDR:set", nominal)
+        twin.put("Q1PDR:set", nominal)
     assert caget("TWIN:BEAM:LOST") == 0
     assert caget("CUMZR:rdCur") == pytest.approx(300.0)
     assert epics.caget("BPMZ5D1R:rdX.SEVR") == 0

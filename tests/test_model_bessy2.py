@@ -88,7 +88,7 @@ def test_derived_tables_are_reproducible(reference, tmp_path):
     """The committed tables are exactly what tools/derive_bessy2.py makes of the references."""
     subprocess.run([sys.executable, str(ROOT / "tools" / "derive_bessy2.py"), "--reference", str(reference),
                     "--out", str(tmp_path)], check=True, capture_output=True)
-    for name in ("lattice.json", "converters.csv", "magnets.csv", "bpms.csv"):
+    for name in ("lattice.json", "converters.csv", "magnets.csv", "bpms.csv", "pvs.csv"):
         assert (tmp_path / name).read_text() == (DB / "bessy2" / name).read_text(), name
 
 

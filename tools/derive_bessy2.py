@@ -10,7 +10,6 @@ Every figure that is not in a reference is an assumption; its row says so in the
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import re
@@ -18,11 +17,9 @@ from pathlib import Path
 
 import at
 import numpy as np
+from derive_common import arguments, pv_row, twin_rows
 from twinioc.model.lattice_io import write_lattice
 from twinioc.model.tables import write_csv
-
-ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "db" / "bessy2"
 
 # Sextupole converters: the Tracy standard-user file names the circuits (s1pr, s2pdr, s3pd1r,
 # s3p1t6r, ...); which magnet hangs on which circuit follows from its name.
@@ -172,13 +169,6 @@ def bpm_rows(ring: at.Lattice, ref: Path) -> list[dict]:
 STATUS_SOURCE = "assumed: state names not public"
 
 
-def pv_row(pv, record, device="", signal="", unit="", prec="", low="", high="", initial="", nelm="",
-           description="", source="") -> dict:
-    return {"pv": pv, "record": record, "device": device, "signal": signal, "unit": unit,
-            "prec": prec, "low": low, "high": high, "initial": initial, "nelm": nelm,
-            "description": description, "source": source}
-
-
 def pv_rows(converters: list[dict], bpms: list[dict]) -> list[dict]:
     """The BESSY II PV table: real names as the control room spells them, twin PVs under $(P)."""
     rows = []
@@ -219,34 +209,13 @@ def pv_rows(converters: list[dict], bpms: list[dict]) -> list[dict]:
         pv_row("CUMZR:rdCur", "ai", signal="beam_current", unit="mA", prec=3, description="stored beam current",
                source="DESIGN.md"),
     ]
-    twin = [
-        ("TUNE:X", "ai", "tune_x", "", 5, "fractional horizontal tune"),
-        ("TUNE:Y", "ai", "tune_y", "", 5, "fractional vertical tune"),
-        ("CHROM:X", "ai", "chrom_x", "", 3, "horizontal chromaticity"),
-        ("CHROM:Y", "ai", "chrom_y", "", 3, "vertical chromaticity"),
-        ("MOMENTUM:OFFSET", "ai", "momentum_offset", "", 7, "momentum offset of the closed orbit"),
-        ("ORBIT:X", "waveform", "orbit_x", "mm", 6, "horizontal orbit at the BPMs"),
-        ("ORBIT:Y", "waveform", "orbit_y", "mm", 6, "vertical orbit at the BPMs"),
-        ("ORBIT:COLUMNS", "names", "table_columns", "", "", "column names of ORBITCC:rdBpm"),
-        ("LATTICE:VERSION", "longin", "version", "", "", "lattice version of the published state"),
-        ("UPDATES", "longin", "updates", "", "", "publications since start"),
-        ("COMPUTED:AT", "stringin", "computed_at", "", "", "UTC time of the last computation"),
-        ("COMPUTE:TIME", "ai", "compute_ms", "ms", 2, "duration of the last computation"),
-        ("BEAM:LOST", "bi", "beam_lost", "", "", "no stable closed orbit"),
-        ("BEAM:LOST:REASON", "longstring", "lost_reason", "", "", "why the beam is lost"),
-    ]
-    for suffix, record, signal, unit, prec, description in twin:
-        rows.append(pv_row(f"$(P){suffix}", record, signal=signal, unit=unit, prec=prec,
-                           nelm={"waveform": n, "names": 3}.get(record, ""), description=description,
-                           source="twin only"))
-    return rows
+    rows.append(pv_row("$(P)ORBIT:COLUMNS", "names", signal="table_columns", nelm=3,
+                       description="column names of ORBITCC:rdBpm", source="twin only"))
+    return rows + twin_rows(n)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reference", type=Path, default=ROOT.parent / "shared" / "reference")
-    parser.add_argument("--out", type=Path, default=OUT, help="folder to write (default: db/bessy2)")
-    args = parser.parse_args()
+    args = arguments(__doc__, "bessy2")
     ref = args.reference
     ring = load_reference_lattice(ref)
 

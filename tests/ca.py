@@ -1,0 +1,48 @@
+"""Small Channel Access helpers the IOC tests share: wait for a condition, put and wait for the model."""
+
+from __future__ import annotations
+
+import time
+
+import epics
+
+
+def wait_for(read, condition, timeout=10.0):
+    """Poll *read()* until *condition(value)* holds; return the last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = read()
+        if (value is not None and condition(value)) or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def caget(pv, **kw):
+    return epics.caget(pv, timeout=5, **kw)
+
+
+class TwinClient:
+    """Puts that wait until the twin (its twin-only PVs under *prefix*) has published their effect."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def __call__(self, suffix: str) -> str:
+        """The full name of a twin-only PV."""
+        return self.prefix + suffix
+
+    def settle(self) -> int:
+        """Wait until the twin has published a state computed after every put so far."""
+        version = caget(self("LATTICE:VERSION"))
+        updates = caget(self("UPDATES"))
+        wait_for(lambda: caget(self("UPDATES")), lambda u: u >= updates + 2)
+        return version
+
+    def put(self, pv: str, value, timeout: float = 10.0) -> None:
+        """Put, wait until the model has a new lattice version, then until it is published."""
+        before = caget(self("LATTICE:VERSION"))
+        assert epics.caput(pv, value, wait=True, timeout=5) == 1
+        after = wait_for(lambda: caget(self("LATTICE:VERSION")), lambda v: v > before, timeout)
+        assert after > before, f"{pv} put did not reach the model"
+        updates = caget(self("UPDATES"))
+        wait_for(lambda: caget(self("UPDATES")), lambda u: u > updates)

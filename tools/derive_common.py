@@ -1,0 +1,61 @@
+"""What the derive scripts share: their command line and the rows of the PV tables.
+
+The derive scripts write a machine's real PV names themselves; the twin-only PVs under ``$(P)`` are
+the same for every machine and are listed here once.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def arguments(doc: str, machine: str) -> argparse.Namespace:
+    """``--reference`` (default ../shared/reference) and ``--out`` (default db/<machine>)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--reference", type=Path, default=ROOT.parent / "shared" / "reference")
+    parser.add_argument("--out", type=Path, default=ROOT / "db" / machine,
+                        help=f"folder to write (default: db/{machine})")
+    return parser.parse_args()
+
+
+def pv_row(pv, record, device="", signal="", unit="", prec="", low="", high="", initial="", nelm="",
+           description="", source="") -> dict:
+    return {"pv": pv, "record": record, "device": device, "signal": signal, "unit": unit,
+            "prec": prec, "low": low, "high": high, "initial": initial, "nelm": nelm,
+            "description": description, "source": source}
+
+
+# suffix under $(P), record kind, signal, unit, precision, description
+TWIN_PVS = [
+    ("TUNE:X", "ai", "tune_x", "", 5, "fractional horizontal tune"),
+    ("TUNE:Y", "ai", "tune_y", "", 5, "fractional vertical tune"),
+    ("TUNE:S", "ai", "tune_s", "", 6, "synchrotron tune"),
+    ("CHROM:X", "ai", "chrom_x", "", 3, "horizontal chromaticity"),
+    ("CHROM:Y", "ai", "chrom_y", "", 3, "vertical chromaticity"),
+    ("MOMENTUM:OFFSET", "ai", "momentum_offset", "", 7, "momentum offset of the closed orbit"),
+    ("MOMENTUM:COMPACTION", "ai", "momentum_compaction", "", 7, "momentum compaction factor"),
+    ("ORBIT:X", "waveform", "orbit_x", "mm", 6, "horizontal orbit at the BPMs"),
+    ("ORBIT:Y", "waveform", "orbit_y", "mm", 6, "vertical orbit at the BPMs"),
+    ("ORBIT:NAMES", "names", "bpm_names", "", "", "BPM names in orbit order"),
+    ("LATTICE:VERSION", "longin", "version", "", "", "lattice version of the published state"),
+    ("UPDATES", "longin", "updates", "", "", "publications since start"),
+    ("COMPUTED:AT", "stringin", "computed_at", "", "", "UTC time of the last computation"),
+    ("COMPUTE:TIME", "ai", "compute_ms", "ms", 2, "duration of the last computation"),
+    ("BEAM:LOST", "bi", "beam_lost", "", "", "no stable closed orbit"),
+    ("BEAM:LOST:REASON", "longstring", "lost_reason", "", "", "why the beam is lost"),
+]
+
+
+def twin_rows(n_bpms: int, modes: list[str] | None = None) -> list[dict]:
+    """The twin-only PVs for a machine with *n_bpms* BPMs and the optics *modes* of its tables."""
+    rows = [pv_row(f"$(P){suffix}", record, signal=signal, unit=unit, prec=prec,
+                   nelm=n_bpms if record in ("waveform", "names") else "",
+                   description=description, source="twin only")
+            for suffix, record, signal, unit, prec, description in TWIN_PVS]
+    if modes:
+        rows.append(pv_row("$(P)OPTICS:MODE", "mbbo", signal="optics_mode", initial=modes[0],
+                           description="/".join(modes), source="twin only: loads optics.csv"))
+    return rows
