@@ -21,7 +21,7 @@ from pathlib import Path
 
 from twinioc.model.devices import read_optics
 
-from .config import Config
+from .config import IDEAL, Config
 
 STARTED = time.monotonic()
 log = logging.getLogger("twinioc")
@@ -53,6 +53,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--list-pvs", action="store_true", help="print the PV table and exit")
     parser.add_argument("--optics", metavar="MODE",
                         help="load this optics mode of the machine at start (overrides restored setpoints)")
+    parser.add_argument("--seed", type=int, help="seed of every random number (overrides the startup file)")
+    parser.add_argument("--ideal", action="store_true",
+                        help="no imperfections: no noise, no errors, no ramps, no decay, instant refill")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a startup-file value, e.g. --set beam.lifetime_h=2 (repeatable)")
     parser.add_argument("--rate", type=float, help="publications per second (overrides the startup file)")
     parser.add_argument("--prefix", help="prefix of the twin-only PVs (default TWIN:)")
     parser.add_argument("--bind", help="interface for CA and PVA (default 127.0.0.1; 0.0.0.0 for all)")
@@ -63,7 +68,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def load_config(args: argparse.Namespace) -> Config:
-    config = Config.load(args.config) if args.config else Config.for_machine(args.machine)
+    overrides = (IDEAL if args.ideal else []) + args.set
+    if args.seed is not None:
+        overrides.append(f"seed={args.seed}")
+    try:
+        config = Config.load(args.config, overrides) if args.config else Config.for_machine(args.machine, overrides)
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        raise SystemExit(f"twinioc: bad setting: {err}") from None
     if args.rate is not None:
         if not args.rate > 0:
             raise SystemExit("twinioc: --rate must be positive")
@@ -103,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     from .physics import PhysicsProcess
     from .twin import Twin
 
-    physics = PhysicsProcess(config.tables)  # loads the lattice while the records are built
+    physics = PhysicsProcess(config.tables, config.realism)  # loads the lattice while the records are built
     state_dir = args.state_dir or Path(os.environ.get("TWINIOC_STATE", Path("var") / config.name))
     state_dir.mkdir(parents=True, exist_ok=True)
     autosave.configure(directory=state_dir, name=config.name, save_period=config.autosave_period_s)
@@ -111,13 +122,21 @@ def main(argv: list[str] | None = None) -> None:
     twin = Twin(config, physics)
     served = twin.build()
     builder.LoadDatabase()  # restores autosaved setpoints into the records
-    physics.wait_ready()  # before serving, so that every put has a model to go to
+    try:
+        physics.wait_ready()  # before serving, so that every put has a model to go to
+    except EOFError:
+        raise SystemExit("twinioc: the physics process could not start (its error is above)") from None
     twin.initial_batch()
     if args.optics:
         twin.select_optics(args.optics)
     softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())
     ticker = threading.Thread(target=twin.run, name="twinioc-tick", daemon=True)
     ticker.start()
+    r = config.realism
+    log.info("seed %d; BPM noise %.3g um, offsets %.3g um; magnet offsets %.3g/%.3g um (quad/sext), %d set by "
+             "name; converter ramps %s; lifetime %s h, top-up %s", r.seed, r.bpm_noise * 1e6, r.bpm_offset * 1e6,
+             r.quadrupole_offset * 1e6, r.sextupole_offset * 1e6, len(r.magnet_offsets), "on" if r.ramp else "off",
+             config.lifetime_h, "on" if config.topup else "off")
     log.info("%s twin serving %d PVs on %s (CA port %s, PVA port %s); autosave in %s; ready after %.2f s",
              config.machine, len(served), config.bind, os.environ.get("EPICS_CA_SERVER_PORT", "5064"),
              os.environ.get("EPICS_PVAS_SERVER_PORT", os.environ.get("EPICS_PVA_SERVER_PORT", "5075")),

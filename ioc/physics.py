@@ -14,6 +14,8 @@ from pathlib import Path
 from twinioc.model.devices import SettingError
 from twinioc.model.state import BeamState, Change
 
+from .config import Realism
+
 # Changes to these kinds move the optics, so chromaticity is recomputed after them.
 OPTICS_KINDS = {"quadrupole", "sextupole", "octupole", "dipole", "rf"}
 
@@ -38,12 +40,27 @@ def _apply_each(engine, changes: list[Change]) -> tuple[dict, dict]:
     return {c.device: engine.settings[c.device] for c in good}, refused
 
 
-def _serve(conn, tables: str) -> None:
+def build_engine(tables: Path, realism: Realism):
+    """The engine of a machine with the misalignments and aperture of *realism*."""
     from twinioc.model.engine import Engine  # pyAT is loaded here only, never in the IOC process
+    from twinioc.model.realism import Misalignment, draw_misalignments, streams
 
-    engine = Engine.from_folder(Path(tables))
+    engine = Engine.from_folder(Path(tables), aperture=realism.aperture)
+    rng = streams(realism.seed)["magnet_errors"]
+    errors = {}
+    for kind, sigma in (("quadrupole", realism.quadrupole_offset), ("sextupole", realism.sextupole_offset)):
+        magnets = [w.magnet for c in engine.devices.of_kind(kind) for w in c.windings]
+        errors |= draw_misalignments(magnets, rng, sigma, realism.magnet_roll)
+    for magnet, (dx, dy) in realism.magnet_offsets.items():
+        errors[magnet] = Misalignment(dx, dy, errors[magnet].roll if magnet in errors else 0.0)
+    engine.misalign({m: e for m, e in errors.items() if e != Misalignment()})
+    return engine
+
+
+def _serve(conn, tables: str, realism: Realism) -> None:
+    engine = build_engine(Path(tables), realism)
     kinds = {name: c.kind for name, c in engine.devices.converters.items()}
-    conn.send({name: c.quantity for name, c in engine.devices.converters.items()})
+    conn.send({name: (c.kind, c.quantity) for name, c in engine.devices.converters.items()})
     chromaticity = True
     while True:
         try:
@@ -62,18 +79,21 @@ def _serve(conn, tables: str) -> None:
 class PhysicsProcess:
     """Runs an ``Engine`` for the machine tables in *tables* in a child process."""
 
-    def __init__(self, tables: Path):
+    def __init__(self, tables: Path, realism: Realism):
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, str(tables)),
+        self._process = context.Process(target=_serve, args=(child, str(tables), realism),
                                         name="twinioc-physics", daemon=True)
         self._process.start()
         child.close()
-        self.quantities: dict[str, str] = {}  # device -> "current" | "frequency"
+        self.kinds: dict[str, str] = {}  # device -> quadrupole | ... | rf | cavity
+        self.quantities: dict[str, str] = {}  # device -> "current" | "frequency" | "voltage"
 
     def wait_ready(self) -> None:
-        """Wait until the engine has loaded its lattice."""
-        self.quantities = self._conn.recv()
+        """Wait until the engine has loaded its lattice (raises ``EOFError`` if it could not)."""
+        devices = self._conn.recv()
+        self.kinds = {name: kind for name, (kind, _) in devices.items()}
+        self.quantities = {name: quantity for name, (_, quantity) in devices.items()}
 
     def step(self, changes: list[Change]) -> Step:
         """Apply *changes* (possibly none) and return the resulting state. Blocks without the GIL."""

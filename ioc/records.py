@@ -90,5 +90,18 @@ def table_group(name: str, labels, columns: dict[str, object]) -> None:
 def mbbo(row: dict, states: list[str], on_select: Callable[[str], None]):
     """A choice among *states* (at most 16); a put calls *on_select* with the chosen state's name."""
     initial = states.index(row["initial"]) if row["initial"] in states else 0
-    return builder.mbbOut(row["pv"], *states, initial_value=initial, autosave=True,
+    return builder.mbbOut(row["pv"], *states, initial_value=initial, autosave=True, always_update=True,
                           on_update=lambda index: on_select(states[int(index)]))
+
+
+def control_ao(row: dict, on_update: Callable[[float], None]):
+    """A run-time setting of the twin (noise, lifetime, band): a number within LOW..HIGH."""
+    low, high = _number(row["low"]), _number(row["high"])
+    return builder.aOut(row["pv"], DRVL=low, DRVH=high, LOPR=low, HOPR=high, initial_value=0.0,
+                        on_update=on_update, always_update=True, **_display(row))
+
+
+def control_bo(row: dict, on_update: Callable[[int], None]):
+    """A run-time switch of the twin; its two state names are the description "OFF/ON"."""
+    low, high = row["description"].split("/")
+    return builder.boolOut(row["pv"], low, high, initial_value=1, on_update=on_update, always_update=True)

@@ -93,6 +93,7 @@ class TwinProcess:
         command = [sys.executable, "-m", "twinioc.ioc.cli", "--machine", self.machine,
                    "--state-dir", str(self.state_dir), *self.args]
         self._started = time.monotonic()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)

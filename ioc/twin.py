@@ -20,11 +20,13 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import numpy as np
 from softioc import alarm
 from twinioc.model.devices import read_optics
+from twinioc.model.realism import BpmErrors, ConverterBank, StoredBeam, streams
 from twinioc.model.state import BeamState, Change
 from twinioc.model.tables import read_csv
 
@@ -61,14 +63,16 @@ TWIN_SIGNALS: dict[str, Callable[[BeamState], object]] = {
     "version": lambda s: s.version,
     "computed_at": lambda s: datetime.fromtimestamp(s.computed_at, UTC).isoformat(timespec="milliseconds"),
     "compute_ms": lambda s: s.compute_seconds * 1e3,
-    "beam_lost": lambda s: int(not s.stable),
-    "lost_reason": lambda s: s.reason[:255],
     "energy_mev": lambda s: s.energy / 1e6,
+    "true_orbit_x": lambda s: s.x * 1e3,  # the model's orbit, before the BPMs' errors and noise
+    "true_orbit_y": lambda s: s.y * 1e3,
 }
 
 
 # The PVA table of the orbit: column name -> the signal whose record fills it.
 TABLE_COLUMNS = {"BPM": "bpm_names", "X": "orbit_x", "Y": "orbit_y"}
+
+NO_BEAM = "no beam stored: inject ($(P)BEAM:INJECT) or enable top-up"
 
 
 class Twin:
@@ -78,31 +82,49 @@ class Twin:
         self.rows = [dict(row, pv=row["pv"].replace("$(P)", config.prefix))
                      for row in read_csv(config.tables / "pvs.csv")]
         self.optics = read_optics(config.tables)  # mode -> {converter: setting}
-        self.bpm_index = {r["name"]: int(r["index"]) for r in read_csv(config.tables / "bpms.csv")}
+        bpms = sorted(read_csv(config.tables / "bpms.csv"), key=lambda r: int(r["index"]))
+        self.bpm_index = {r["name"]: int(r["index"]) for r in bpms}
         self.setpoints: dict[str, object] = {}  # device -> ao record
         self.readbacks: dict[str, object] = {}
+        self.readback_noise: dict[str, float] = {}  # device -> σ of its readback
         self.status: dict[tuple[str, str], object] = {}  # (device, power|fault) -> mbbi
         self.bpms: list[tuple[object, int, int]] = []  # (record, BPM index, plane)
         self.signals: dict[str, list] = {}  # signal -> the records that show it
-        self._pending: dict[str, Change] = {}
+        self.controls: dict[str, object] = {}  # control signal -> record
         self._refusals: list[tuple[str, str]] = []
+        self._first: dict[str, float] = {}  # the settings of the first batch
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.updates = 0
         self.state: BeamState | None = None
 
+        realism = config.realism
+        self.random = streams(realism.seed)
+        noise = [realism.bpm_noise_per_bpm.get(r["name"], realism.bpm_noise) for r in bpms]
+        self.bpm_errors = BpmErrors.draw(len(bpms), self.random["bpm_errors"], realism.bpm_offset,
+                                         realism.bpm_gain_error, realism.bpm_roll, np.array(noise))
+        self.beam = StoredBeam(config.beam_current_mA, config.lifetime_h, config.topup, config.topup_band_mA,
+                               config.fill_rate_mA_per_s, current=config.beam_current_mA)
+        self.bank: ConverterBank | None = None  # the converters' outputs, from the first batch on
+
     # -- records --------------------------------------------------------------------------------
 
     def build(self) -> list[str]:
         """Create every record of the PV table; return the names served."""
-        bpm_names = [name for name, _ in sorted(self.bpm_index.items(), key=lambda kv: kv[1])]
+        bpm_names = list(self.bpm_index)
         table = None
         served = []
         for row in self.rows:
             kind, device, signal = row["record"], row["device"], row["signal"]
             served.append(row["pv"])
-            if kind == "ao":
+            if kind == "ao" and device:
                 self.setpoints[device] = records.ao(row, self._on_put(device), self._validator(device))
+                span = float(row["high"]) - float(row["low"])
+                self.readback_noise[device] = self.config.realism.readback_noise_ppm * 1e-6 * span
+                continue
+            if kind in ("ao", "bo"):
+                on_put = self._on_power(device) if signal == "power_switch" else self._on_control(signal)
+                self.controls[f"{device}:{signal}"] = getattr(records, f"control_{kind}")(row, on_put)
                 continue
             if kind == "table":
                 table = row["pv"]
@@ -125,18 +147,38 @@ class Twin:
             (labels,) = self.signals["table_columns"]
             records.table_group(table, labels, {column: self.signals[signal][0]
                                                 for column, signal in TABLE_COLUMNS.items()})
+        self._show_controls()
         return served
+
+    def _show_controls(self) -> None:
+        """Start the run-time controls at the startup file's values."""
+        values = {
+            ":bpm_noise_um": float(np.mean(self.bpm_errors.noise)) * 1e6,
+            ":lifetime_setting_h": self.beam.lifetime_h if math.isfinite(self.beam.lifetime_h) else 0.0,
+            ":topup": int(self.beam.topup),
+            ":topup_low_mA": self.beam.band[0],
+            ":topup_high_mA": self.beam.band[1],
+            ":ramp": int(self.config.realism.ramp),
+            ":inject": 0,
+        }
+        for key, record in self.controls.items():
+            record.set(values.get(key, 1), process=False)  # power switches start ON
+        for record in self.signals.get("seed", ()):
+            record.set(self.config.realism.seed)
+        for (_, status), record in self.status.items():
+            if status == "power":
+                record.set(1)
 
     def load_optics(self, mode: str) -> None:
         """Set every converter of an optics mode to its table value, as one batch.
 
-        The setpoint records show the new values (and autosave keeps them); the model gets them
-        with the next tick.
+        The setpoint records show the new values (and autosave keeps them); the converters take
+        them from the next tick on.
         """
         with self._lock:
             for device, value in self.optics[mode].items():
                 self.setpoints[device].set(value, process=False)
-                self._pending[device] = Change(device, self.physics.quantities[device], value)
+                self.bank.set(device, value)
         log.info("optics mode %s: %d converters", mode, len(self.optics[mode]))
 
     def select_optics(self, mode: str) -> None:
@@ -148,9 +190,43 @@ class Twin:
     def _on_put(self, device: str) -> Callable[[float], None]:
         def on_put(value: float) -> None:
             with self._lock:
-                self._pending[device] = Change(device, self.physics.quantities[device], value)
+                self.bank.set(device, value)
 
         return on_put
+
+    def _on_power(self, device: str) -> Callable[[int], None]:
+        def on_put(value: int) -> None:
+            with self._lock:
+                self.bank.switch(device, bool(value))
+            if (device, "power") in self.status:
+                self.status[(device, "power")].set(int(bool(value)))
+
+        return on_put
+
+    def _on_control(self, signal: str) -> Callable[[float], None]:
+        def on_put(value: float) -> None:
+            with self._lock:
+                self.control(signal, value)
+
+        return on_put
+
+    def control(self, signal: str, value: float) -> None:
+        """What a put on one of the twin's run-time controls does."""
+        beam = self.beam
+        if signal == "bpm_noise_um":
+            self.bpm_errors.noise[:] = value * 1e-6
+        elif signal == "lifetime_setting_h":
+            beam.lifetime_h = value if value > 0 else math.inf
+        elif signal == "topup":
+            beam.topup = bool(value)
+        elif signal == "topup_low_mA":
+            beam.band = (value, beam.band[1])
+        elif signal == "topup_high_mA":
+            beam.band = (beam.band[0], value)
+        elif signal == "inject" and value:
+            beam.inject()
+        elif signal == "ramp":
+            self.bank.set_slew(self.config.realism.slew if value else {})
 
     def _validator(self, device: str) -> Callable[[object, float], bool]:
         def validate(record, value: float) -> bool:
@@ -165,23 +241,32 @@ class Twin:
     # -- the tick -------------------------------------------------------------------------------
 
     def initial_batch(self) -> None:
-        """Queue every setpoint as the records hold it (autosave may have restored them)."""
+        """The converters start at their setpoints as the records hold them (autosave may have
+        restored them); the first tick sends all of them to the model."""
+        initial = {device: record.get() for device, record in self.setpoints.items()}
         with self._lock:
-            for device, record in self.setpoints.items():
-                self._pending[device] = Change(device, self.physics.quantities[device], record.get())
+            self.bank = ConverterBank(self.physics.kinds, self.config.realism.slew_rates, initial)
+            self._first = dict(initial)
 
     def run(self) -> None:
-        """Tick at the configured rate until ``stop()``: one batch to the model, one publication."""
+        """Tick at the configured rate until ``stop()``: converters move, one batch goes to the model,
+        the beam lives or dies, one publication."""
         period = 1.0 / self.config.rate_hz
-        next_tick = time.monotonic()
+        last = next_tick = time.monotonic()
         while not self._stop.is_set():
+            now = time.monotonic()
+            dt, last = now - last, now
             with self._lock:
-                batch, self._pending = list(self._pending.values()), {}
+                moved = self._first or self.bank.advance(dt)
+                self._first = {}
                 refusals, self._refusals = self._refusals, []
             for device, reason in refusals:
                 self._refuse(device, reason)
+            batch = [Change(d, self.physics.quantities[d], v) for d, v in moved.items()]
             try:
                 step = self.physics.step(batch) if batch or self.state is None else Step(self.state)
+                with self._lock:
+                    self.beam.advance(dt, holdable=step.state.stable)
                 self.publish(step)
             except (EOFError, OSError):
                 log.error("the physics process has gone; stopping the twin")
@@ -203,22 +288,16 @@ class Twin:
     def publish(self, step: Step) -> None:
         state = self.state = step.state
         self.updates += 1
-        for device, value in step.applied.items():
-            if device in self.readbacks:
-                self.readbacks[device].set(value)
-            if (device, "power") in self.status:
-                self.status[(device, "power")].set(1)
-            if self.setpoints[device].get() == value:
-                self.setpoints[device].set_alarm(alarm.NO_ALARM, alarm.NO_ALARM)
-        for device, reason in step.refused.items():
-            self._refuse(device, reason)
-
-        if state.stable:
+        self._publish_converters(step)
+        alive = self.beam.alive
+        if alive:
+            x, y = self.bpm_errors.read(state.x, state.y, self.random["bpm_noise"])
+            shown = replace(state, x=x, y=y)  # what the BPMs read
             for record, index, plane in self.bpms:
-                record.set((state.x if plane == 0 else state.y)[index] * 1e3)
-            self._set(BEAM_SIGNALS, state)
-            self._set({"beam_current": lambda s: self.config.beam_current_mA,
-                       "lifetime_h": lambda s: self.config.lifetime_h}, state)
+                record.set((x if plane == 0 else y)[index] * 1e3)
+            self._set(BEAM_SIGNALS, shown)
+            self._set({"beam_current": lambda s: self.beam.current, "lifetime_h": lambda s: self.beam.lifetime_h},
+                      state)  # lifetime inf: no decay
         else:  # keep the last readings, marked INVALID; no beam: no current, no lifetime
             for record, _, _ in self.bpms:
                 record.set_alarm(alarm.INVALID_ALARM, alarm.READ_ALARM)
@@ -228,8 +307,25 @@ class Twin:
             for signal in ("beam_current", "lifetime_h"):
                 for record in self.signals.get(signal, ()):
                     record.set(0.0, severity=alarm.MAJOR_ALARM, alarm=alarm.STATE_ALARM)
+        reason = state.reason if not state.stable else "" if alive else NO_BEAM.replace("$(P)", self.config.prefix)
+        self._set({"beam_lost": lambda s: int(not alive), "lost_reason": lambda s: reason[:255],
+                   "updates": lambda s: self.updates}, state)
         self._set(TWIN_SIGNALS, state)
-        self._set({"updates": lambda s: self.updates}, state)
+
+    def _publish_converters(self, step: Step) -> None:
+        """Readbacks show the converters' outputs, with their noise when they have some."""
+        rng = self.random["converter_noise"]
+        for device, value in step.applied.items():
+            if self.setpoints[device].get() == value:
+                self.setpoints[device].set_alarm(alarm.NO_ALARM, alarm.NO_ALARM)
+        for device, reason in step.refused.items():
+            self._refuse(device, reason)
+        for device, record in self.readbacks.items():
+            sigma = self.readback_noise.get(device, 0.0)
+            if sigma > 0:
+                record.set(self.bank.outputs[device].output + sigma * rng.standard_normal())
+            elif device in step.applied:
+                record.set(step.applied[device])
 
     def _set(self, signals: dict[str, Callable[[BeamState], object]], state: BeamState) -> None:
         for signal, read in signals.items():

@@ -30,6 +30,7 @@ import numpy as np
 
 from .devices import ELEMENT_FIELDS, SPEED_OF_LIGHT, DeviceMap, SettingError
 from .lattice_io import load_lattice
+from .realism import Misalignment
 from .state import BeamState, Change
 
 __all__ = ["BeamState", "Change", "Engine", "SettingError"]
@@ -38,9 +39,11 @@ __all__ = ["BeamState", "Change", "Engine", "SettingError"]
 class Engine:
     """A ring, its device map and the current settings."""
 
-    def __init__(self, ring: at.Lattice, devices: DeviceMap):
+    def __init__(self, ring: at.Lattice, devices: DeviceMap, aperture: tuple[float, float] | None = None):
+        """*aperture*: the half-widths (x, y) in m that the orbit must stay within at the BPMs."""
         self.ring = ring.disable_6d(copy=True)
         self.devices = devices
+        self.aperture = aperture
         self.rigidity = ring.energy / SPEED_OF_LIGHT  # T.m, relativistic electrons
         self.circumference = ring.circumference
         self.design_rf = devices.rf.default * 1e3
@@ -65,10 +68,20 @@ class Engine:
         self._write({name: c.default for name, c in devices.converters.items()})
 
     @classmethod
-    def from_folder(cls, folder: Path) -> Engine:
+    def from_folder(cls, folder: Path, aperture: tuple[float, float] | None = None) -> Engine:
         """An engine for the machine whose tables and ``lattice.json`` are in *folder*."""
         ring = load_lattice(Path(folder) / "lattice.json")
-        return cls(ring, DeviceMap.from_tables(ring, folder))
+        return cls(ring, DeviceMap.from_tables(ring, folder), aperture)
+
+    def misalign(self, errors: dict[str, Misalignment]) -> None:
+        """Shift and roll magnets (by magnet name) against the design; replaces earlier errors."""
+        elements = {w.magnet: w.element for c in self.devices.converters.values() for w in c.windings}
+        unknown = set(errors) - set(elements)
+        if unknown:
+            raise SettingError(f"no magnets {sorted(unknown)}")
+        for name, e in errors.items():
+            at.transform_elem(self.ring[elements[name]], dx=e.dx, dy=e.dy, tilt=e.roll)
+        self.version += 1
 
     # -- update the lattice ---------------------------------------------------------------------
 
@@ -125,6 +138,15 @@ class Engine:
         ratios = [1.0 + self.ring[i].PolynomB[0] / curvature for i, curvature in self._bends]
         return float(self.ring.energy * np.mean(ratios))
 
+    def _check_aperture(self, orbits: np.ndarray) -> None:
+        if self.aperture is None:
+            return
+        for plane, column, half_width in (("x", 0, self.aperture[0]), ("y", 2, self.aperture[1])):
+            worst = int(np.argmax(np.abs(orbits[:, column])))
+            if abs(orbits[worst, column]) > half_width:
+                raise ArithmeticError(f"orbit beyond the aperture: {plane} = {orbits[worst, column] * 1e3:.2f} mm "
+                                      f"at {self.devices.bpms[worst].name} (limit {half_width * 1e3:g} mm)")
+
     def _momentum_compaction(self, orbit0: np.ndarray, dispersion: np.ndarray) -> float:
         """α_c = (path lengthening per turn) / (C δ) of a particle on the dispersion orbit.
 
@@ -168,6 +190,7 @@ class Engine:
             tune = optics.mu[-1] / (2 * math.pi)
             if not (np.all(np.isfinite(orbits)) and np.all(np.isfinite(tune))):
                 raise ArithmeticError("no finite closed orbit")
+            self._check_aperture(orbits)
             state.x, state.y = orbits[:, 0].copy(), orbits[:, 2].copy()
             state.tune = tune
             state.momentum_offset = float(orbit0[4])

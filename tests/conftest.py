@@ -36,16 +36,17 @@ def mls():
 
 @pytest.fixture(scope="session")
 def twins(tmp_path_factory):
-    """A BESSY II and an MLS twin, side by side on free loopback ports, for the whole session.
+    """An ideal BESSY II and an ideal MLS twin, side by side on free loopback ports, for the session.
 
-    Both start at once; the client environment (CA and PVA) reaches both of them.
+    Both start at once; the client environment (CA and PVA) reaches both of them. Ideal: the tests
+    that use them compare with the exact model; the realism tests start twins of their own.
     """
     import os
 
     from twinioc.ioc.testing import TwinProcess, client_env
 
-    both = {"bessy2": TwinProcess("bessy2", state_dir=tmp_path_factory.mktemp("bessy2")),
-            "mls": TwinProcess("mls", state_dir=tmp_path_factory.mktemp("mls"), prefix=MLS_PREFIX)}
+    both = {"bessy2": TwinProcess("bessy2", "--ideal", state_dir=tmp_path_factory.mktemp("bessy2")),
+            "mls": TwinProcess("mls", "--ideal", state_dir=tmp_path_factory.mktemp("mls"), prefix=MLS_PREFIX)}
     try:
         for twin in both.values():
             twin.launch()

@@ -165,7 +165,7 @@ def test_unstable_setting_loses_the_beam_and_restoring_recovers(bessy2_ioc):
     finally:
         twin.put("Q1PDR:set", nominal)
     assert caget("TWIN:BEAM:LOST") == 0
-    assert caget("CUMZR:rdCur") == pytest.approx(300.0)
+    assert 299.0 <= caget("CUMZR:rdCur") <= 301.0  # re-injected by top-up, within its band
     assert epics.caget("BPMZ5D1R:rdX.SEVR") == 0
     assert caget("TWIN:TUNE:X") == pytest.approx(0.848, abs=0.01)
 
@@ -175,11 +175,11 @@ def test_setpoints_survive_a_restart(tmp_path):
 
     script = ("import epics, sys; ok = epics.caput('HS4P2D3R:set', 0.42, wait=True, timeout=5); "
               "sys.exit(0 if ok == 1 else 1)")
-    with TwinProcess("bessy2", state_dir=tmp_path) as twin:
+    with TwinProcess("bessy2", "--ideal", state_dir=tmp_path) as twin:
         env = {**twin.client_env, "PATH": ""}
         subprocess.run([sys.executable, "-c", script], env=env, check=True)
         time.sleep(3.0)  # longer than the autosave period of the startup file
-    with TwinProcess("bessy2", state_dir=tmp_path) as twin:
+    with TwinProcess("bessy2", "--ideal", state_dir=tmp_path) as twin:
         read = ("import epics; print(epics.caget('HS4P2D3R:set', timeout=5), "
                 "epics.caget('HS4P2D3R:rdbk', timeout=5))")
         out = subprocess.run([sys.executable, "-c", read], env=twin.client_env, capture_output=True,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import at
 import numpy as np
-from derive_common import arguments, pv_row, twin_rows
+from derive_common import arguments, power_switch_row, pv_row, twin_rows
 from twinioc.model.lattice_io import write_lattice
 from twinioc.model.tables import write_csv
 
@@ -187,7 +187,8 @@ def pv_rows(converters: list[dict], bpms: list[dict]) -> list[dict]:
             pv_row(f"{name}:rdbk", "ai", name, "readback", "A", 4, description="converter readback",
                    source="pyAML BESSY2*.yaml naming"),
             pv_row(f"{name}:stat1", "mbbi", name, "power", description="OFF/ON", source=STATUS_SOURCE),
-            pv_row(f"{name}:stat2", "mbbi", name, "fault", description="OK/FAULT", source=STATUS_SOURCE)]
+            pv_row(f"{name}:stat2", "mbbi", name, "fault", description="OK/FAULT", source=STATUS_SOURCE),
+            power_switch_row(name)]
     for b in bpms:
         rows += [pv_row(f"{b['name']}:rdX", "ai", b["name"], "bpm_x", "mm", 6, description="horizontal position",
                         source="DESIGN.md: per-BPM rdX/rdY in mm"),

@@ -37,8 +37,10 @@ TWIN_PVS = [
     ("CHROM:Y", "ai", "chrom_y", "", 3, "vertical chromaticity"),
     ("MOMENTUM:OFFSET", "ai", "momentum_offset", "", 7, "momentum offset of the closed orbit"),
     ("MOMENTUM:COMPACTION", "ai", "momentum_compaction", "", 7, "momentum compaction factor"),
-    ("ORBIT:X", "waveform", "orbit_x", "mm", 6, "horizontal orbit at the BPMs"),
-    ("ORBIT:Y", "waveform", "orbit_y", "mm", 6, "vertical orbit at the BPMs"),
+    ("ORBIT:X", "waveform", "orbit_x", "mm", 6, "horizontal orbit as the BPMs read it"),
+    ("ORBIT:Y", "waveform", "orbit_y", "mm", 6, "vertical orbit as the BPMs read it"),
+    ("ORBIT:TRUE:X", "waveform", "true_orbit_x", "mm", 6, "horizontal orbit of the model at the BPMs"),
+    ("ORBIT:TRUE:Y", "waveform", "true_orbit_y", "mm", 6, "vertical orbit of the model at the BPMs"),
     ("ORBIT:NAMES", "names", "bpm_names", "", "", "BPM names in orbit order"),
     ("LATTICE:VERSION", "longin", "version", "", "", "lattice version of the published state"),
     ("UPDATES", "longin", "updates", "", "", "publications since start"),
@@ -46,6 +48,18 @@ TWIN_PVS = [
     ("COMPUTE:TIME", "ai", "compute_ms", "ms", 2, "duration of the last computation"),
     ("BEAM:LOST", "bi", "beam_lost", "", "", "no stable closed orbit"),
     ("BEAM:LOST:REASON", "longstring", "lost_reason", "", "", "why the beam is lost"),
+    ("BEAM:CURRENT", "ai", "beam_current", "mA", 3, "stored beam current"),
+    ("SEED", "longin", "seed", "", "", "seed of every random number of this run"),
+]
+# Run-time controls: suffix, record, signal, unit, low, high, description (bo: the state names)
+TWIN_CONTROLS = [
+    ("BPM:NOISE", "ao", "bpm_noise_um", "um", 0, 1000, "sigma of every BPM reading"),
+    ("BEAM:LIFETIME", "ao", "lifetime_setting_h", "h", 0, 1000, "beam lifetime; 0: no decay"),
+    ("BEAM:INJECT", "bo", "inject", "", "", "", "IDLE/INJECT"),
+    ("TOPUP:ENABLE", "bo", "topup", "", "", "", "OFF/ON"),
+    ("TOPUP:LOW", "ao", "topup_low_mA", "mA", 0, 1000, "top-up injects below this current"),
+    ("TOPUP:HIGH", "ao", "topup_high_mA", "mA", 0, 1000, "top-up fills up to this current"),
+    ("RAMP:ENABLE", "bo", "ramp", "", "", "", "OFF/ON"),
 ]
 
 
@@ -55,7 +69,16 @@ def twin_rows(n_bpms: int, modes: list[str] | None = None) -> list[dict]:
                    nelm=n_bpms if record in ("waveform", "names") else "",
                    description=description, source="twin only")
             for suffix, record, signal, unit, prec, description in TWIN_PVS]
+    rows += [pv_row(f"$(P){suffix}", record, signal=signal, unit=unit, prec=3 if record == "ao" else "",
+                    low=low, high=high, description=description, source="twin only: run-time control")
+             for suffix, record, signal, unit, low, high, description in TWIN_CONTROLS]
     if modes:
         rows.append(pv_row("$(P)OPTICS:MODE", "mbbo", signal="optics_mode", initial=modes[0],
                            description="/".join(modes), source="twin only: loads optics.csv"))
     return rows
+
+
+def power_switch_row(converter: str) -> dict:
+    """The twin-only on/off switch of a converter: off, its output ramps to zero."""
+    return pv_row(f"$(P){converter}:POWER", "bo", converter, "power_switch", description="OFF/ON",
+                  source="twin only: converter on/off")

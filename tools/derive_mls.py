@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 
 import at
-from derive_common import arguments, pv_row, twin_rows
+from derive_common import arguments, power_switch_row, pv_row, twin_rows
 from twinioc.model.lattice_io import write_lattice
 from twinioc.model.tables import write_csv
 
@@ -306,7 +306,8 @@ def pv_rows(converters: list[dict], bpms: list[dict]) -> list[dict]:
             rows += [pv_row(f"{name}:setCur", "ao", name, "setpoint", "A", 4, c["low"], c["high"], c["default"],
                             description=f"{kind} converter setpoint", source=mml),
                      pv_row(f"{name}:rdCur", "ai", name, "readback", "A", 4,
-                            description="converter readback", source=mml)]
+                            description="converter readback", source=mml),
+                     power_switch_row(name)]
     for b in bpms:
         rows += [pv_row(f"{b['name']}:rdX", "ai", b["name"], "bpm_x", "mm", 6, description="horizontal position",
                         source=f"{mml}; mm as in the live snapshot"),
