@@ -92,7 +92,6 @@ class Twin:
         self.signals: dict[str, list] = {}  # signal -> the records that show it
         self.controls: dict[str, object] = {}  # control signal -> record
         self._refusals: list[tuple[str, str]] = []
-        self._first: dict[str, float] = {}  # the settings of the first batch
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.updates = 0
@@ -226,7 +225,8 @@ class Twin:
         elif signal == "inject" and value:
             beam.inject()
         elif signal == "ramp":
-            self.bank.set_slew(self.config.realism.slew if value else {})
+            self.config.realism.ramp = bool(value)
+            self.bank.set_slew(self.config.realism.slew_rates)
 
     def _validator(self, device: str) -> Callable[[object, float], bool]:
         def validate(record, value: float) -> bool:
@@ -246,7 +246,6 @@ class Twin:
         initial = {device: record.get() for device, record in self.setpoints.items()}
         with self._lock:
             self.bank = ConverterBank(self.physics.kinds, self.config.realism.slew_rates, initial)
-            self._first = dict(initial)
 
     def run(self) -> None:
         """Tick at the configured rate until ``stop()``: converters move, one batch goes to the model,
@@ -257,8 +256,9 @@ class Twin:
             now = time.monotonic()
             dt, last = now - last, now
             with self._lock:
-                moved = self._first or self.bank.advance(dt)
-                self._first = {}
+                moved = self.bank.advance(dt)
+                if self.state is None:  # the first batch: every converter as it stands
+                    moved = {name: out.output for name, out in self.bank.outputs.items()}
                 refusals, self._refusals = self._refusals, []
             for device, reason in refusals:
                 self._refuse(device, reason)
