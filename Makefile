@@ -24,13 +24,13 @@ lint: install
 test: lint              ## ruff, then the unit and integration tests
 	$(BIN)/python -m pytest
 
-bench: install          ## engine timings against the naive full recomputation
-	$(BIN)/python bench/bench_engine.py --machine bessy2
-	$(BIN)/python bench/bench_engine.py --machine mls
+bench: install          ## each twin under a control room's load; writes bench/results/<machine>.md
+	$(BIN)/python bench/bench_twin.py --machine bessy2
+	$(BIN)/python bench/bench_twin.py --machine mls
 
 derive: install         ## rebuild db/ from ../shared/reference
 	$(BIN)/python tools/derive_bessy2.py
 	$(BIN)/python tools/derive_mls.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache var
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache var bench/.build

@@ -41,6 +41,9 @@ def network_defaults(bind: str, explicit: bool) -> None:
         for name in ("EPICS_CAS_AUTO_BEACON_ADDR_LIST", "EPICS_PVAS_AUTO_BEACON_ADDR_LIST",
                      "EPICS_CA_AUTO_ADDR_LIST"):
             put(name, "NO")
+    # Real-time thread priorities make EPICS lock all memory (mlockall) when it may, e.g. as root:
+    # ~140 MB of thread stacks and malloc arenas held resident, for nothing a simulator needs.
+    os.environ.setdefault("EPICS_ALLOW_POSIX_THREAD_PRIORITY_SCHEDULING", "NO")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -109,12 +112,16 @@ def main(argv: list[str] | None = None) -> None:
         return
     network_defaults(config.bind, explicit=args.bind is not None)
 
+    from .physics import PhysicsProcess
+
+    # The physics process imports pyAT and loads the lattice while this one imports softioc and
+    # builds the records: the two halves of the start-up overlap.
+    physics = PhysicsProcess(config.tables, config.realism)
+
     from softioc import asyncio_dispatcher, autosave, builder, softioc
 
-    from .physics import PhysicsProcess
     from .twin import Twin
 
-    physics = PhysicsProcess(config.tables, config.realism)  # loads the lattice while the records are built
     state_dir = args.state_dir or Path(os.environ.get("TWINIOC_STATE", Path("var") / config.name))
     state_dir.mkdir(parents=True, exist_ok=True)
     autosave.configure(directory=state_dir, name=config.name, save_period=config.autosave_period_s)

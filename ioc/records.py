@@ -46,6 +46,16 @@ def longin(row: dict):
     return builder.longIn(row["pv"], initial_value=0, **_display(row))
 
 
+def element_ai(row: dict, source: str, index: int):
+    """An ai showing element *index* of the waveform record *source*, with its alarm and time stamp.
+
+    Plain EPICS: the CP link processes it in the IOC's C code whenever *source* is published, so
+    that hundreds of these cost the twin one array per tick. It posts every update (MDEL -1).
+    """
+    return builder.records.ai(row["pv"], INP=f"{source}.[{index}] CP MS", TSEL=f"{source}.TIME", MDEL=-1,
+                              **_display(row))
+
+
 def mbbi(row: dict):
     low, high = row["description"].split("/")
     return builder.mbbIn(row["pv"], low, (high, "MAJOR") if high == "FAULT" else high, initial_value=0)

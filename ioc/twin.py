@@ -6,9 +6,11 @@ What a client sees:
   put is checked (not a finite number: refused, old value kept, MINOR/WRITE alarm; beyond
   DRVL/DRVH: clamped by the record with a HIHI/LOLO alarm), then queued. Every tick the queued
   changes go to the physics process as one batch.
-* readbacks (``:rdbk``, ``:rdCur``, ``:hwRdFreq``, ``:rdFrq``): the value the model applied.
+* readbacks (``:rdbk``, ``:rdCur``, ``:hwRdFreq``, ``:rdFrq``): the converters' outputs (with their
+  noise), published once per tick as one array, ``$(P)READBACKS``, whose elements they show.
 * BPMs, orbit arrays, tunes, current and the twin's own PVs: the state computed from that batch,
-  published once per tick. With no stable orbit the beam is lost: current 0, beam readings INVALID.
+  published once per tick; the per-BPM PVs show the elements of ``$(P)ORBIT:X`` and ``:Y``. With no
+  stable orbit the beam is lost: current 0, beam readings INVALID.
 * ``$(P)OPTICS:MODE`` (mbbo, machines with an ``optics.csv``): a put sets every converter of that
   optics mode to its table value, as one batch.
 """
@@ -72,6 +74,8 @@ TWIN_SIGNALS: dict[str, Callable[[BeamState], object]] = {
 # The PVA table of the orbit: column name -> the signal whose record fills it.
 TABLE_COLUMNS = {"BPM": "bpm_names", "X": "orbit_x", "Y": "orbit_y"}
 
+MIN_TICK_GAP = 0.01  # s: puts bring the next tick forward, but ticks start at most this often
+
 NO_BEAM = "no beam stored: inject ($(P)BEAM:INJECT) or enable top-up"
 
 
@@ -85,15 +89,16 @@ class Twin:
         bpms = sorted(read_csv(config.tables / "bpms.csv"), key=lambda r: int(r["index"]))
         self.bpm_index = {r["name"]: int(r["index"]) for r in bpms}
         self.setpoints: dict[str, object] = {}  # device -> ao record
-        self.readbacks: dict[str, object] = {}
-        self.readback_noise: dict[str, float] = {}  # device -> σ of its readback
+        # the converters in $(P)READBACKS order, and the σ of each one's readback noise
+        self.readback_devices = list(dict.fromkeys(r["device"] for r in self.rows if r["signal"] == "readback"))
+        self.readback_noise = np.zeros(len(self.readback_devices))
         self.status: dict[tuple[str, str], object] = {}  # (device, power|fault) -> mbbi
-        self.bpms: list[tuple[object, int, int]] = []  # (record, BPM index, plane)
         self.signals: dict[str, list] = {}  # signal -> the records that show it
         self.controls: dict[str, object] = {}  # control signal -> record
         self._refusals: list[tuple[str, str]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._wake = threading.Event()  # set by puts: the next tick comes at once
         self.updates = 0
         self.state: BeamState | None = None
 
@@ -110,7 +115,9 @@ class Twin:
 
     def build(self) -> list[str]:
         """Create every record of the PV table; return the names served."""
-        bpm_names = list(self.bpm_index)
+        names = {"bpm_names": list(self.bpm_index), "readback_names": self.readback_devices,
+                 "table_columns": list(TABLE_COLUMNS)}
+        arrays = {r["signal"]: r["pv"] for r in self.rows if r["signal"] in ("orbit_x", "orbit_y", "readbacks")}
         table = None
         served = []
         for row in self.rows:
@@ -118,8 +125,10 @@ class Twin:
             served.append(row["pv"])
             if kind == "ao" and device:
                 self.setpoints[device] = records.ao(row, self._on_put(device), self._validator(device))
-                span = float(row["high"]) - float(row["low"])
-                self.readback_noise[device] = self.config.realism.readback_noise_ppm * 1e-6 * span
+                if device in self.readback_devices:
+                    span = float(row["high"]) - float(row["low"])
+                    self.readback_noise[self.readback_devices.index(device)] = \
+                        self.config.realism.readback_noise_ppm * 1e-6 * span
                 continue
             if kind in ("ao", "bo"):
                 on_put = self._on_power(device) if signal == "power_switch" else self._on_control(signal)
@@ -128,18 +137,20 @@ class Twin:
             if kind == "table":
                 table = row["pv"]
                 continue
+            if signal == "readback":
+                records.element_ai(row, arrays["readbacks"], self.readback_devices.index(device))
+                continue
+            if signal in ("bpm_x", "bpm_y"):
+                records.element_ai(row, arrays[signal.replace("bpm", "orbit")], self.bpm_index[device])
+                continue
             if kind == "names":
-                record = records.names(row, bpm_names if signal == "bpm_names" else list(TABLE_COLUMNS))
+                record = records.names(row, names[signal])
             elif kind == "mbbo":
                 record = records.mbbo(row, list(self.optics), self.load_optics)
             else:
                 record = getattr(records, kind)(row)
-            if signal == "readback":
-                self.readbacks[device] = record
-            elif signal in ("power", "fault"):
+            if signal in ("power", "fault"):
                 self.status[(device, signal)] = record
-            elif signal in ("bpm_x", "bpm_y"):
-                self.bpms.append((record, self.bpm_index[device], 0 if signal == "bpm_x" else 1))
             else:
                 self.signals.setdefault(signal, []).append(record)
         if table:
@@ -178,6 +189,7 @@ class Twin:
             for device, value in self.optics[mode].items():
                 self.setpoints[device].set(value, process=False)
                 self.bank.set(device, value)
+        self._wake.set()
         log.info("optics mode %s: %d converters", mode, len(self.optics[mode]))
 
     def select_optics(self, mode: str) -> None:
@@ -190,6 +202,7 @@ class Twin:
         def on_put(value: float) -> None:
             with self._lock:
                 self.bank.set(device, value)
+            self._wake.set()
 
         return on_put
 
@@ -197,6 +210,7 @@ class Twin:
         def on_put(value: int) -> None:
             with self._lock:
                 self.bank.switch(device, bool(value))
+            self._wake.set()
             if (device, "power") in self.status:
                 self.status[(device, "power")].set(int(bool(value)))
 
@@ -206,6 +220,7 @@ class Twin:
         def on_put(value: float) -> None:
             with self._lock:
                 self.control(signal, value)
+            self._wake.set()
 
         return on_put
 
@@ -249,7 +264,11 @@ class Twin:
 
     def run(self) -> None:
         """Tick at the configured rate until ``stop()``: converters move, one batch goes to the model,
-        the beam lives or dies, one publication."""
+        the beam lives or dies, one publication.
+
+        A put does not wait for the next tick: it wakes the loop (at most every ``MIN_TICK_GAP``),
+        and the period starts again from there.
+        """
         period = 1.0 / self.config.rate_hz
         last = next_tick = time.monotonic()
         while not self._stop.is_set():
@@ -274,10 +293,14 @@ class Twin:
             except Exception:  # noqa: BLE001 - a publication bug must not stop the IOC
                 log.exception("publication failed")
             next_tick = max(next_tick + period, time.monotonic())
-            self._stop.wait(next_tick - time.monotonic())
+            if self._wake.wait(max(0.0, next_tick - time.monotonic())):
+                self._wake.clear()
+                time.sleep(max(0.0, now + MIN_TICK_GAP - time.monotonic()))
+                next_tick = time.monotonic()
 
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     def _refuse(self, device: str, reason: str) -> None:
         log.warning("refused %s: %s", device, reason)
@@ -292,15 +315,10 @@ class Twin:
         alive = self.beam.alive
         if alive:
             x, y = self.bpm_errors.read(state.x, state.y, self.random["bpm_noise"])
-            shown = replace(state, x=x, y=y)  # what the BPMs read
-            for record, index, plane in self.bpms:
-                record.set((x if plane == 0 else y)[index] * 1e3)
-            self._set(BEAM_SIGNALS, shown)
+            self._set(BEAM_SIGNALS, replace(state, x=x, y=y))  # what the BPMs read
             self._set({"beam_current": lambda s: self.beam.current, "lifetime_h": lambda s: self.beam.lifetime_h},
                       state)  # lifetime inf: no decay
-        else:  # keep the last readings, marked INVALID; no beam: no current, no lifetime
-            for record, _, _ in self.bpms:
-                record.set_alarm(alarm.INVALID_ALARM, alarm.READ_ALARM)
+        else:  # keep the last readings, marked INVALID (the per-BPM PVs follow); no current, no lifetime
             for signal in BEAM_SIGNALS:
                 for record in self.signals.get(signal, ()):
                     record.set_alarm(alarm.INVALID_ALARM, alarm.READ_ALARM)
@@ -320,12 +338,13 @@ class Twin:
                 self.setpoints[device].set_alarm(alarm.NO_ALARM, alarm.NO_ALARM)
         for device, reason in step.refused.items():
             self._refuse(device, reason)
-        for device, record in self.readbacks.items():
-            sigma = self.readback_noise.get(device, 0.0)
-            if sigma > 0:
-                record.set(self.bank.outputs[device].output + sigma * rng.standard_normal())
-            elif device in step.applied:
-                record.set(step.applied[device])
+        noisy = np.any(self.readback_noise > 0)
+        if noisy or step.applied or self.updates == 1:
+            outputs = np.array([self.bank.outputs[d].output for d in self.readback_devices])
+            if noisy:
+                outputs += self.readback_noise * rng.standard_normal(len(outputs))
+            for record in self.signals["readbacks"]:
+                record.set(outputs)
 
     def _set(self, signals: dict[str, Callable[[BeamState], object]], state: BeamState) -> None:
         for signal, read in signals.items():

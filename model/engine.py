@@ -7,9 +7,12 @@ Two calls make the whole interface (the seed paper's "update the lattice" and "p
 * ``compute()`` returns the ``BeamState`` of the current version.
 
 The ring is tracked in 4D (no radiation, no cavities). The RF frequency enters through the path
-length: a closed orbit at frequency f must be h*c/f long, so the engine asks pyAT for the 4D orbit
-of path lengthening dct = -C*df/f, which yields the momentum offset and the dispersive orbit together.
+length: a closed orbit at frequency f must be h*c/f long, so the engine solves for the 4D orbit of
+path lengthening dct = -C*df/f, which yields the momentum offset and the dispersive orbit together.
 Horizontal kicks therefore also shift the momentum, as on a real ring with a fixed RF frequency.
+Only what the published PVs need is computed: the orbit at the BPMs, the one-turn matrix (tunes,
+dispersion, α_c) and, when magnets changed, the one-turn matrices at δ ± h (chromaticity); see
+``_closed_orbit``. Nothing is computed at every element.
 
 The longitudinal plane is linear and analytic: with the momentum compaction α_c of the 4D ring, the
 main cavities' voltage V and the energy loss per turn U0 (radiation integral of the design ring),
@@ -21,12 +24,13 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
 import at
 import numpy as np
+from at.physics.amat import a_matrix
+from at.tracking.atpass import atpass
 
 from .devices import ELEMENT_FIELDS, SPEED_OF_LIGHT, DeviceMap, SettingError
 from .lattice_io import load_lattice
@@ -34,6 +38,12 @@ from .realism import Misalignment
 from .state import BeamState, Change
 
 __all__ = ["BeamState", "Change", "Engine", "SettingError"]
+
+ORBIT_STEP = 3e-8  # m, rad and δ: the finite-difference step of the Jacobian (pyAT's XYStep)
+ORBIT_TOLERANCE = 1e-10  # the Newton step below which the orbit is converged
+MAX_ORBIT_ITERATIONS = 20
+DPStep = 3e-6  # δ step of the chromaticity (pyAT's DPStep)
+MAX_TUNE_CONTINUATION = 0.1  # a larger jump of a fractional tune recounts the integer part
 
 
 class Engine:
@@ -63,8 +73,12 @@ class Engine:
         # the whole tune.
         magnets = [w.element for c in devices.converters.values() for w in c.windings]
         self._optics_refs = np.unique(np.concatenate([self._bpm_refs, magnets, [len(self.ring)]]))
+        self._track_refs = np.append(self._bpm_sorted, len(self.ring)).astype(np.uint32)
+        self._end_ref = np.array([len(self.ring)], dtype=np.uint32)
+        self._parsed = False  # whether pyAT's cached copy of the ring is current
+        self._orbit_guess = np.zeros(5)  # the last closed orbit (x, x', y, y', δ): where the next search starts
+        self._tune = np.full(2, np.nan)
         self._last_chromaticity = np.full(2, np.nan)
-        self._last_compaction = math.nan
         self._write({name: c.default for name, c in devices.converters.items()})
 
     @classmethod
@@ -81,6 +95,7 @@ class Engine:
             raise SettingError(f"no magnets {sorted(unknown)}")
         for name, e in errors.items():
             at.transform_elem(self.ring[elements[name]], dx=e.dx, dy=e.dy, tilt=e.roll)
+        self._parsed = False  # new T1/T2/R1/R2 arrays
         self.version += 1
 
     # -- update the lattice ---------------------------------------------------------------------
@@ -147,15 +162,6 @@ class Engine:
                 raise ArithmeticError(f"orbit beyond the aperture: {plane} = {orbits[worst, column] * 1e3:.2f} mm "
                                       f"at {self.devices.bpms[worst].name} (limit {half_width * 1e3:g} mm)")
 
-    def _momentum_compaction(self, orbit0: np.ndarray, dispersion: np.ndarray) -> float:
-        """α_c = (path lengthening per turn) / (C δ) of a particle on the dispersion orbit.
-
-        From the one-turn matrix M around *orbit0*: α_c C = M[5,:4]·η + M[5,4], with η the 4D
-        dispersion vector at the start (one find_m66, ~5x cheaper than pyAT's get_mcf).
-        """
-        m66, _ = at.find_m66(self.ring, orbit=orbit0)
-        return float((m66[5, :4] @ dispersion + m66[5, 4]) / self.circumference)
-
     def synchrotron_tune(self, compaction: float) -> float:
         """Small-amplitude synchrotron tune; raises ``ArithmeticError`` when there is no RF bucket."""
         voltage = self.rf_voltage
@@ -168,7 +174,7 @@ class Engine:
     # -- propagate ------------------------------------------------------------------------------
 
     def compute(self, chromaticity: bool = True) -> BeamState:
-        """Closed orbit at the BPMs, tunes and (optionally) chromaticities of the current version.
+        """Closed orbit at the BPMs, tunes, α_c and (optionally) chromaticities of the current version.
 
         Never raises for a bad setting: a ring with no stable closed orbit gives ``stable=False``.
         """
@@ -180,29 +186,112 @@ class Engine:
             tune=np.full(2, np.nan), chromaticity=np.full(2, np.nan), momentum_offset=math.nan,
             rf_frequency=f_rf, revolution_frequency=f_rf / self.ring.harmonic_number, energy=self.energy)
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")  # pyAT warns when the orbit search does not converge
-                dct = -self.circumference * (f_rf - self.design_rf) / f_rf
-                orbit0, orbits = at.find_orbit4(self.ring, refpts=self._bpm_sorted, dct=dct)
-                orbits = orbits[self._bpm_order]
-                origin, ringdata, optics = self.ring.get_optics(
-                    refpts=self._optics_refs, orbit=orbit0, get_chrom=chromaticity)
-            tune = optics.mu[-1] / (2 * math.pi)
-            if not (np.all(np.isfinite(orbits)) and np.all(np.isfinite(tune))):
-                raise ArithmeticError("no finite closed orbit")
-            self._check_aperture(orbits)
-            state.x, state.y = orbits[:, 0].copy(), orbits[:, 2].copy()
-            state.tune = tune
-            state.momentum_offset = float(orbit0[4])
-            if chromaticity:
-                self._last_chromaticity = np.asarray(ringdata.chromaticity, dtype=float)
-                self._last_compaction = self._momentum_compaction(orbit0, origin.dispersion)
+            with np.errstate(all="ignore"):
+                orbit, at_bpms, jacobian = self._closed_orbit(dct=-self.circumference * (f_rf - self.design_rf) / f_rf)
+                at_bpms = at_bpms[:, self._bpm_order]
+                self._check_aperture(at_bpms.T)
+                one_turn = jacobian[:4, :4] + np.eye(4)
+                fractional = self._fractional_tunes(one_turn)
+                dispersion = np.linalg.solve(np.eye(4) - one_turn, jacobian[:4, 4])
+                state.x, state.y = at_bpms[0].copy(), at_bpms[2].copy()
+                state.tune = self._whole_tunes(fractional, orbit)
+                state.momentum_offset = float(orbit[4])
+                # path lengthening per turn of the dispersive orbit: α_c C = ∂ct/∂x·η + ∂ct/∂δ
+                state.momentum_compaction = float((jacobian[4, :4] @ dispersion + jacobian[4, 4]) / self.circumference)
+                if chromaticity:
+                    self._last_chromaticity = self._chromaticity(orbit, dispersion)
             state.chromaticity = self._last_chromaticity.copy()
-            state.momentum_compaction = self._last_compaction
             if self._main_cavities:
-                state.synchrotron_tune = self.synchrotron_tune(self._last_compaction)
+                state.synchrotron_tune = self.synchrotron_tune(state.momentum_compaction)
             state.stable = True
         except Exception as err:  # noqa: BLE001 - any failure of the physics means: no beam
             state.reason = f"{type(err).__name__}: {err}"
         state.compute_seconds = time.perf_counter() - start
         return state
+
+    # The orbit, the one-turn matrix and the dispersion all come from tracking small bundles of
+    # particles with pyAT's lattice_pass, reusing its parsed copy of the lattice between calls
+    # (keep_lattice): the converters write into the elements' arrays in place, which the cached
+    # copy sees. Misalignments replace arrays, so they make the next pass parse the ring again.
+
+    def _track(self, bundle: np.ndarray, refpts: np.ndarray) -> np.ndarray:
+        """Track the particles in *bundle* (6, n) one turn; coordinates (6, n, len(refpts)).
+
+        Calls pyAT's C tracker directly: ``lattice_pass`` would first walk every element in Python
+        (variable elements, beam monitors, cavities), which costs as much as the tracking itself on
+        a ring of a thousand elements. This ring has none of those.
+        """
+        out = atpass(self.ring, np.asfortranarray(bundle), 1, refpts=refpts, reuse=self._parsed)
+        self._parsed = True
+        return out[..., 0]
+
+    def _closed_orbit(self, dct: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Newton's method on z = (x, x', y, y', δ): one turn brings z back with path lengthening *dct*.
+
+        Each iteration tracks z and z ± h e_j for the five unknowns through the BPMs to the end of
+        the ring: the central differences give the Jacobian J of the residual (whose top-left 4x4
+        block is the one-turn matrix minus one) and, at the BPMs, the transfer matrices that carry
+        the last Newton step to the BPM readings. Starting from the previous orbit it needs two
+        passes for a small change. Returns (z, the 6D coordinates at the BPMs in lattice order, J).
+        """
+        z = self._orbit_guess.copy()
+        h = ORBIT_STEP
+        for _ in range(MAX_ORBIT_ITERATIONS):
+            bundle = np.zeros((6, 11))
+            bundle[:5] = z[:, None]
+            bundle[:5, 1:6] += h * np.eye(5)
+            bundle[:5, 6:11] -= h * np.eye(5)
+            out = self._track(bundle, self._track_refs)
+            derivative = (out[:, 1:6] - out[:, 6:11]) / (2 * h)  # (6, 5, refpts): ∂(coordinates)/∂z
+            end = out[:, 0, -1]
+            residual = np.append(end[:4] - z[:4], end[5] - dct)
+            jacobian = np.vstack([derivative[:4, :, -1] - np.eye(4, 5), derivative[5, :, -1]])
+            step = -np.linalg.solve(jacobian, residual)
+            if not np.all(np.isfinite(step)):
+                raise ArithmeticError("no finite closed orbit")
+            if np.max(np.abs(step)) < ORBIT_TOLERANCE:
+                at_bpms = out[:, 0, :-1] + np.einsum("ijk,j->ik", derivative[:, :, :-1], step)
+                self._orbit_guess = z + step
+                return z + step, at_bpms, jacobian
+            z += step
+        self._orbit_guess = np.zeros(5)
+        raise ArithmeticError(f"the closed-orbit search did not converge in {MAX_ORBIT_ITERATIONS} iterations")
+
+    @staticmethod
+    def _fractional_tunes(one_turn: np.ndarray) -> np.ndarray:
+        """The two (coupled) betatron tunes in [0, 1) of a 4x4 one-turn matrix."""
+        if np.any(np.abs(np.abs(np.linalg.eigvals(one_turn)) - 1.0) > 1e-6):
+            raise ArithmeticError("no stable betatron motion: the tunes sit in a stop band")
+        _, eigenvalues = a_matrix(one_turn)
+        return np.mod(np.angle(eigenvalues) / (2 * math.pi), 1.0)
+
+    def _whole_tunes(self, fractional: np.ndarray, orbit: np.ndarray) -> np.ndarray:
+        """Add the integer parts: continue from the last tunes when the fractional parts moved a
+        little, otherwise count the phase advance around the ring (pyAT's linear optics)."""
+        last = self._tune
+        if np.all(np.isfinite(last)):
+            moved = np.mod(fractional - last + 0.5, 1.0) - 0.5
+            if np.all(np.abs(moved) < MAX_TUNE_CONTINUATION):
+                self._tune = last + moved
+                return self._tune.copy()
+        _, _, optics = self.ring.get_optics(refpts=self._optics_refs, orbit=np.append(orbit, 0.0), keep_lattice=True)
+        self._tune = optics.mu[-1] / (2 * math.pi)
+        return self._tune.copy()
+
+    def _chromaticity(self, orbit: np.ndarray, dispersion: np.ndarray) -> np.ndarray:
+        """dQ/dδ by central differences: the one-turn matrices on the dispersion orbits at δ ± h.
+
+        The first-order orbits z ± h(η, 1) suffice: their second-order error is the same on both
+        sides and cancels from the difference of the tunes.
+        """
+        h, d = DPStep, ORBIT_STEP
+        bundle = np.zeros((6, 16))
+        for side, sign in enumerate((1.0, -1.0)):
+            centre = orbit + sign * h * np.append(dispersion, 1.0)
+            columns = slice(8 * side, 8 * side + 8)
+            bundle[:5, columns] = centre[:, None]
+            bundle[:4, columns] += np.hstack([d * np.eye(4), -d * np.eye(4)])
+        end = self._track(bundle, self._end_ref)[:, :, 0]
+        tunes = [self._fractional_tunes((end[:4, 8 * s:8 * s + 4] - end[:4, 8 * s + 4:8 * s + 8]) / (2 * d))
+                 for s in (0, 1)]
+        return (np.mod(tunes[0] - tunes[1] + 0.5, 1.0) - 0.5) / (2 * h)

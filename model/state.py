@@ -30,7 +30,7 @@ class BeamState:
     rf_frequency: float  # Hz
     revolution_frequency: float  # Hz
     synchrotron_tune: float = math.nan  # Qs of the main RF system
-    momentum_compaction: float = math.nan  # α_c, computed with the chromaticities
+    momentum_compaction: float = math.nan  # α_c of the closed orbit
     energy: float = math.nan  # eV: the energy the dipole field is set for
     computed_at: float = field(default_factory=time.time)
     compute_seconds: float = 0.0

@@ -86,6 +86,23 @@ def test_steerer_put_moves_the_orbit_as_the_model_predicts(bessy2_ioc, model):
         twin.put("HS4P1T2R:set", 0.0)
 
 
+def test_every_readback_shows_its_element_of_the_readback_array(bessy2_ioc):
+    """The readback PVs take their values from $(P)READBACKS in the IOC's C code (no Python per PV)."""
+    rows = read_csv(DB / "bessy2" / "pvs.csv")
+    readbacks = {row["device"]: row["pv"] for row in rows if row["signal"] == "readback"}
+    names = list(caget("TWIN:READBACKS:NAMES"))
+    assert sorted(names) == sorted(readbacks)
+    twin.put("HS4P1T2R:set", 0.25)
+    try:
+        array = caget("TWIN:READBACKS")
+        singles = epics.caget_many([readbacks[n] for n in names], timeout=5)
+        np.testing.assert_allclose(singles, array, rtol=1e-12)
+        assert array[names.index("HS4P1T2R")] == pytest.approx(0.25)
+        assert array[names.index("Q3PD2R")] == pytest.approx(caget("Q3PD2R:set"))
+    finally:
+        twin.put("HS4P1T2R:set", 0.0)
+
+
 def test_quadrupole_put_moves_the_tunes_as_the_model_predicts(bessy2_ioc, model):
     nominal = caget("Q3PD2R:set")
     f_rev = 299792458 / 240.00839

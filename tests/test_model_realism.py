@@ -112,3 +112,41 @@ def test_an_orbit_beyond_the_aperture_loses_the_beam(mls):
     mls.apply([Change("VS3P1L2RP", "current", 7.0), Change("VS3P2L2RP", "current", 7.0)])
     lost = mls.compute()
     assert not lost.stable and "aperture" in lost.reason
+
+
+@pytest.mark.parametrize("machine", ["bessy2", "mls"])
+def test_the_engine_agrees_with_pyat_on_a_misaligned_ring(request, machine):
+    """The engine's own Newton orbit, one-turn matrix and off-momentum tunes against pyAT's closed orbit,
+    linear optics, chromaticity and momentum compaction, on a ring with shifted and rolled (coupling)
+    magnets, after a series of changes (each search starts from the last orbit) and an RF step."""
+    import at
+    from twinioc.model import Change
+
+    engine = request.getfixturevalue(machine)
+    magnets = [w.magnet for kind in ("quadrupole", "sextupole")
+               for c in engine.devices.of_kind(kind) for w in c.windings]
+    engine.misalign(draw_misalignments(magnets, streams(7)["magnet_errors"], 40e-6, 2e-4))
+    rng = np.random.default_rng(3)
+    steerers = [c.name for c in engine.devices.of_kind("hsteerer") + engine.devices.of_kind("vsteerer")]
+    quadrupole = engine.devices.of_kind("quadrupole")[0]
+    rf = engine.devices.rf
+    for step in range(4):
+        changes = [Change(s, "current", float(rng.uniform(-0.05, 0.05))) for s in rng.choice(steerers, 5)]
+        changes.append(Change(quadrupole.name, "current", quadrupole.default * (1 + 0.002 * step)))
+        if step == 3:
+            changes.append(Change(rf.name, rf.quantity, rf.default + 0.2))  # kHz: a momentum offset of some 1e-4
+        engine.apply(changes)
+        state = engine.compute(chromaticity=True)
+        assert state.stable, state.reason
+
+        dct = -engine.circumference * (state.rf_frequency - engine.design_rf) / state.rf_frequency
+        orbit0, orbits = at.find_orbit4(engine.ring, refpts=engine._bpm_sorted, dct=dct)
+        orbits = orbits[engine._bpm_order]
+        np.testing.assert_allclose(state.x, orbits[:, 0], atol=1e-9, rtol=1e-6)
+        np.testing.assert_allclose(state.y, orbits[:, 2], atol=1e-9, rtol=1e-6)
+        assert state.momentum_offset == pytest.approx(orbit0[4], abs=1e-10)
+        _, ringdata, optics = engine.ring.get_optics(refpts=engine._optics_refs, orbit=orbit0, get_chrom=True)
+        np.testing.assert_allclose(state.tune, optics.mu[-1] / (2 * math.pi), atol=1e-7)
+        np.testing.assert_allclose(state.chromaticity, ringdata.chromaticity, atol=2e-3)
+        assert state.momentum_compaction == pytest.approx(at.get_mcf(engine.ring, dp=orbit0[4]), rel=1e-4)
+    assert abs(state.momentum_offset) > 1e-5

@@ -212,7 +212,7 @@ def pv_rows(converters: list[dict], bpms: list[dict]) -> list[dict]:
     ]
     rows.append(pv_row("$(P)ORBIT:COLUMNS", "names", signal="table_columns", nelm=3,
                        description="column names of ORBITCC:rdBpm", source="twin only"))
-    return rows + twin_rows(n)
+    return rows + twin_rows(rows, n)
 
 
 def main() -> None:

@@ -63,12 +63,20 @@ TWIN_CONTROLS = [
 ]
 
 
-def twin_rows(n_bpms: int, modes: list[str] | None = None) -> list[dict]:
-    """The twin-only PVs for a machine with *n_bpms* BPMs and the optics *modes* of its tables."""
+def twin_rows(machine_rows: list[dict], n_bpms: int, modes: list[str] | None = None) -> list[dict]:
+    """The twin-only PVs for a machine whose real PVs are *machine_rows*, with *n_bpms* BPMs and the
+    optics *modes* of its tables."""
     rows = [pv_row(f"$(P){suffix}", record, signal=signal, unit=unit, prec=prec,
                    nelm=n_bpms if record in ("waveform", "names") else "",
                    description=description, source="twin only")
             for suffix, record, signal, unit, prec, description in TWIN_PVS]
+    # Every converter readback in one array: the IOC publishes it once per tick, and the readback
+    # PVs take their elements from it in the IOC's C code.
+    n_readbacks = len({r["device"] for r in machine_rows if r["signal"] == "readback"})
+    rows += [pv_row("$(P)READBACKS", "waveform", signal="readbacks", prec=4, nelm=n_readbacks,
+                    description="every converter readback, in READBACKS:NAMES order", source="twin only"),
+             pv_row("$(P)READBACKS:NAMES", "names", signal="readback_names", nelm=n_readbacks,
+                    description="converter of each READBACKS element", source="twin only")]
     rows += [pv_row(f"$(P){suffix}", record, signal=signal, unit=unit, prec=3 if record == "ao" else "",
                     low=low, high=high, description=description, source="twin only: run-time control")
              for suffix, record, signal, unit, low, high, description in TWIN_CONTROLS]

@@ -334,7 +334,7 @@ def pv_rows(converters: list[dict], bpms: list[dict]) -> list[dict]:
         pv_row("ERMPCGP:rdRmp", "ai", signal="energy_mev", unit="MeV", prec=2, description="beam energy of the ramp",
                source=f"{inventory}; MeV as in the live snapshot (250)"),
     ]
-    return rows + twin_rows(len(bpms), MODES)
+    return rows + twin_rows(rows, len(bpms), MODES)
 
 
 def main() -> None:
