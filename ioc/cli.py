@@ -127,8 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     autosave.configure(directory=state_dir, name=config.name, save_period=config.autosave_period_s)
 
     twin = Twin(config, physics)
+    log.debug("softioc imported after %.2f s", time.monotonic() - STARTED)
     served = twin.build()
     builder.LoadDatabase()  # restores autosaved setpoints into the records
+    log.debug("%d records built after %.2f s", len(served), time.monotonic() - STARTED)
     try:
         physics.wait_ready()  # before serving, so that every put has a model to go to
     except EOFError:
@@ -136,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     twin.initial_batch()
     if args.optics:
         twin.select_optics(args.optics)
+    log.debug("physics ready after %.2f s", time.monotonic() - STARTED)
     softioc.iocInit(asyncio_dispatcher.AsyncioDispatcher())
     ticker = threading.Thread(target=twin.run, name="twinioc-tick", daemon=True)
     ticker.start()
