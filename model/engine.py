@@ -42,7 +42,7 @@ __all__ = ["BeamState", "Change", "Engine", "SettingError"]
 ORBIT_STEP = 3e-8  # m, rad and δ: the finite-difference step of the Jacobian (pyAT's XYStep)
 ORBIT_TOLERANCE = 1e-10  # the Newton step below which the orbit is converged
 MAX_ORBIT_ITERATIONS = 20
-DPStep = 3e-6  # δ step of the chromaticity (pyAT's DPStep)
+CHROMATICITY_STEP = 3e-6  # δ step of the chromaticity (pyAT's DPStep)
 MAX_TUNE_CONTINUATION = 0.1  # a larger jump of a fractional tune recounts the integer part
 
 
@@ -210,9 +210,10 @@ class Engine:
         return state
 
     # The orbit, the one-turn matrix and the dispersion all come from tracking small bundles of
-    # particles with pyAT's lattice_pass, reusing its parsed copy of the lattice between calls
-    # (keep_lattice): the converters write into the elements' arrays in place, which the cached
-    # copy sees. Misalignments replace arrays, so they make the next pass parse the ring again.
+    # particles with pyAT's C tracker, reusing its parsed copy of the ring between calls: the
+    # converters write into the elements' arrays in place, which the parsed copy sees. Misalignments
+    # replace arrays, so they make the next pass parse the ring again; so does pyAT itself when
+    # another lattice was tracked in between.
 
     def _track(self, bundle: np.ndarray, refpts: np.ndarray) -> np.ndarray:
         """Track the particles in *bundle* (6, n) one turn; coordinates (6, n, len(refpts)).
@@ -284,7 +285,7 @@ class Engine:
         The first-order orbits z ± h(η, 1) suffice: their second-order error is the same on both
         sides and cancels from the difference of the tunes.
         """
-        h, d = DPStep, ORBIT_STEP
+        h, d = CHROMATICITY_STEP, ORBIT_STEP
         bundle = np.zeros((6, 16))
         for side, sign in enumerate((1.0, -1.0)):
             centre = orbit + sign * h * np.append(dispersion, 1.0)
