@@ -66,6 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bind", help="interface for CA and PVA (default 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--state-dir", type=Path,
                         help="where setpoints are autosaved (default $TWINIOC_STATE or ./var/<machine>)")
+    parser.add_argument("--ignore-other-servers", action="store_true",
+                        help="start even when another server (the real machine, another twin) already answers "
+                             "this machine's sentinel PV names on the addresses the twin serves: clients would "
+                             "then get two answers for the same names")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser.parse_args(argv)
 
@@ -113,10 +117,16 @@ def main(argv: list[str] | None = None) -> None:
     network_defaults(config.bind, explicit=args.bind is not None)
 
     from .physics import PhysicsProcess
+    from .sentinel import answered, search_addresses
 
     # The physics process imports pyAT and loads the lattice while this one imports softioc and
-    # builds the records: the two halves of the start-up overlap.
+    # builds the records, and a thread looks for other servers of the machine's names: the three
+    # overlap.
     physics = PhysicsProcess(config.tables, config.realism)
+    others: dict[str, str] = {}
+    search = threading.Thread(target=lambda: others.update(answered(
+        config.sentinels, search_addresses(), config.sentinel_search_s)), name="twinioc-sentinels")
+    search.start()
 
     from softioc import asyncio_dispatcher, autosave, builder, softioc
 
@@ -135,6 +145,15 @@ def main(argv: list[str] | None = None) -> None:
         physics.wait_ready()  # before serving, so that every put has a model to go to
     except EOFError:
         raise SystemExit("twinioc: the physics process could not start (its error is above)") from None
+    search.join()
+    if others:
+        found = ", ".join(f"{name} at {address}" for name, address in others.items())
+        if not args.ignore_other_servers:
+            physics.close()
+            raise SystemExit(f"twinioc: refusing to start: another server already answers {found}. The twin "
+                             f"carries the real machine's names and must not shadow it; point EPICS_CA_ADDR_LIST "
+                             f"and the ports elsewhere, or pass --ignore-other-servers")
+        log.warning("another server already answers %s; starting anyway (--ignore-other-servers)", found)
     twin.initial_batch()
     if args.optics:
         twin.select_optics(args.optics)

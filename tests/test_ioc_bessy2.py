@@ -215,3 +215,28 @@ def test_cli_refuses_an_unknown_machine():
     done = subprocess.run([sys.executable, "-m", "twinioc.ioc.cli", "--machine", "nosuch", "--list-pvs"],
                           capture_output=True, text=True)
     assert done.returncode != 0 and "no machine 'nosuch'" in done.stderr
+
+
+def test_refuses_to_start_where_another_server_answers_the_machine_names(bessy2_ioc, tmp_path):
+    """A second twin on the same ports finds the first answering the sentinel names: it refuses to
+    start, and starts only with --ignore-other-servers."""
+    from twinioc.ioc.testing import TwinProcess
+
+    def beside_the_session_twin(*args):
+        twin = TwinProcess("bessy2", *args, state_dir=tmp_path / str(len(args)), prefix="TWIN2:")
+        twin.ca_port, twin.repeater_port = bessy2_ioc.ca_port, bessy2_ioc.repeater_port
+        return twin
+
+    refused = beside_the_session_twin().launch()
+    assert refused.process.wait(timeout=60) != 0
+    assert "refusing to start" in refused.log() and "ORBITCC:rdPos" in refused.log()
+
+    forced = beside_the_session_twin("--ignore-other-servers").launch()
+    try:
+        deadline = time.monotonic() + 60
+        while "serving" not in forced.log() and forced.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "starting anyway" in forced.log() and "serving" in forced.log(), forced.log()
+    finally:
+        forced.stop()
+    assert caget("ORBITCC:rdPos") is not None  # the session twin serves on
