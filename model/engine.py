@@ -46,6 +46,21 @@ CHROMATICITY_STEP = 3e-6  # δ step of the chromaticity (pyAT's DPStep)
 MAX_TUNE_CONTINUATION = 0.1  # a larger jump of a fractional tune recounts the integer part
 
 
+def _displaced(centre: np.ndarray, n: int, step: float) -> np.ndarray:
+    """Particles (6, 2n) at *centre* (its leading coordinates, the rest 0), moved by +*step* along
+    each of the first *n* coordinates, then by -*step*; n = 0 gives the centre alone, (6, 1)."""
+    bundle = np.zeros((6, max(2 * n, 1)))
+    bundle[:len(centre)] = centre[:, None]
+    bundle[:n, :n] += step * np.eye(n)
+    bundle[:n, n:2 * n] -= step * np.eye(n)
+    return bundle
+
+
+def _central_difference(out: np.ndarray, n: int, step: float) -> np.ndarray:
+    """∂(coordinates)/∂(displacement j) from tracked particles laid out as ``_displaced(..., n, step)``."""
+    return (out[:, :n] - out[:, n:2 * n]) / (2 * step)
+
+
 class Engine:
     """A ring, its device map and the current settings."""
 
@@ -236,22 +251,17 @@ class Engine:
         passes for a small change. Returns (z, the 6D coordinates at the BPMs in lattice order, J).
         """
         z = self._orbit_guess.copy()
-        h = ORBIT_STEP
         for _ in range(MAX_ORBIT_ITERATIONS):
-            bundle = np.zeros((6, 11))
-            bundle[:5] = z[:, None]
-            bundle[:5, 1:6] += h * np.eye(5)
-            bundle[:5, 6:11] -= h * np.eye(5)
-            out = self._track(bundle, self._track_refs)
-            derivative = (out[:, 1:6] - out[:, 6:11]) / (2 * h)  # (6, 5, refpts): ∂(coordinates)/∂z
-            end = out[:, 0, -1]
+            out = self._track(np.hstack([_displaced(z, 5, ORBIT_STEP), _displaced(z, 0, 0.0)]), self._track_refs)
+            derivative = _central_difference(out, 5, ORBIT_STEP)  # (6, 5, refpts): ∂(coordinates)/∂z
+            centre, end = out[:, 10, :-1], out[:, 10, -1]
             residual = np.append(end[:4] - z[:4], end[5] - dct)
             jacobian = np.vstack([derivative[:4, :, -1] - np.eye(4, 5), derivative[5, :, -1]])
             step = -np.linalg.solve(jacobian, residual)
             if not np.all(np.isfinite(step)):
                 raise ArithmeticError("no finite closed orbit")
             if np.max(np.abs(step)) < ORBIT_TOLERANCE:
-                at_bpms = out[:, 0, :-1] + np.einsum("ijk,j->ik", derivative[:, :, :-1], step)
+                at_bpms = centre + np.einsum("ijk,j->ik", derivative[:, :, :-1], step)
                 self._orbit_guess = z + step
                 return z + step, at_bpms, jacobian
             z += step
@@ -285,14 +295,9 @@ class Engine:
         The first-order orbits z ± h(η, 1) suffice: their second-order error is the same on both
         sides and cancels from the difference of the tunes.
         """
-        h, d = CHROMATICITY_STEP, ORBIT_STEP
-        bundle = np.zeros((6, 16))
-        for side, sign in enumerate((1.0, -1.0)):
-            centre = orbit + sign * h * np.append(dispersion, 1.0)
-            columns = slice(8 * side, 8 * side + 8)
-            bundle[:5, columns] = centre[:, None]
-            bundle[:4, columns] += np.hstack([d * np.eye(4), -d * np.eye(4)])
-        end = self._track(bundle, self._end_ref)[:, :, 0]
-        tunes = [self._fractional_tunes((end[:4, 8 * s:8 * s + 4] - end[:4, 8 * s + 4:8 * s + 8]) / (2 * d))
+        h = CHROMATICITY_STEP
+        centres = [orbit + sign * h * np.append(dispersion, 1.0) for sign in (1.0, -1.0)]
+        end = self._track(np.hstack([_displaced(c, 4, ORBIT_STEP) for c in centres]), self._end_ref)[:, :, 0]
+        tunes = [self._fractional_tunes(_central_difference(end[:, 8 * s:8 * s + 8], 4, ORBIT_STEP)[:4])
                  for s in (0, 1)]
         return (np.mod(tunes[0] - tunes[1] + 0.5, 1.0) - 0.5) / (2 * h)
