@@ -5,7 +5,11 @@
     twinioc --machine mls --optics low_alpha
                                  start in one of the machine's optics modes
     twinioc --config FILE        a startup file of your own
+    twinioc --faults FILE        with the faults of a scenario file
     twinioc --list-pvs           print the PV table and exit
+    twinioc journal show|replay  read the journal of puts, replay it (twinioc journal -h)
+    twinioc snapshot save|restore|list NAME
+                                 the twin's whole state, by name (twinioc snapshot -h)
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from twinioc.model.devices import read_optics
@@ -25,6 +30,9 @@ from .config import IDEAL, Config
 
 STARTED = time.monotonic()
 log = logging.getLogger("twinioc")
+# Journal entries this much older than the autosave file are replayed over it too: autosave reads
+# the values a moment before it writes the file.
+AUTOSAVE_OVERLAP_S = 10.0
 
 
 def network_defaults(bind: str, explicit: bool) -> None:
@@ -66,6 +74,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bind", help="interface for CA and PVA (default 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--state-dir", type=Path,
                         help="where setpoints are autosaved (default $TWINIOC_STATE or ./var/<machine>)")
+    parser.add_argument("--faults", type=Path, metavar="FILE",
+                        help="scenario file of faults ([[fault]] tables: kind, pattern, parameters, at_s)")
     parser.add_argument("--ignore-other-servers", action="store_true",
                         help="start even when another server (the real machine, another twin) already answers "
                              "this machine's sentinel PV names on the addresses the twin serves: clients would "
@@ -102,7 +112,28 @@ def list_pvs(config: Config) -> None:
         print("\t".join([pv, row["record"], row["unit"], row["low"], row["high"], row["description"]]))
 
 
+def restore_journaled(twin, state_dir: Path, saved_at: datetime | None) -> None:
+    """Setpoints journaled since the last autosave go over the autosaved ones: a put that completed
+    before a crash (even ``kill -9``) is back. Says what was restored."""
+    from .journal import setpoints_since
+
+    since = saved_at - timedelta(seconds=AUTOSAVE_OVERLAP_S) if saved_at else None
+    values, count = setpoints_since(state_dir, since)
+    unknown = twin.restore_setpoints(values)
+    autosaved = f"autosave of {saved_at.isoformat(timespec='seconds')}" if saved_at else "no autosave file"
+    log.info("setpoints restored: %s, then %d journaled change%s since, of %d setpoint%s%s", autosaved, count,
+             "s" if count != 1 else "", len(values), "s" if len(values) != 1 else "",
+             f" ({', '.join(sorted(values)[:8])}{', ...' if len(values) > 8 else ''})" if values else "")
+    if unknown:
+        log.warning("the journal names setpoints this twin does not have: %s", ", ".join(unknown))
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("journal", "snapshot"):
+        from .commands import main as command
+
+        raise SystemExit(command(argv))
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s twinioc %(levelname)s %(message)s")
@@ -130,16 +161,26 @@ def main(argv: list[str] | None = None) -> None:
 
     from softioc import asyncio_dispatcher, autosave, builder, softioc
 
+    from .faults import FaultError, scenario
     from .twin import Twin
 
     state_dir = args.state_dir or Path(os.environ.get("TWINIOC_STATE", Path("var") / config.name))
     state_dir.mkdir(parents=True, exist_ok=True)
     autosave.configure(directory=state_dir, name=config.name, save_period=config.autosave_period_s)
 
-    twin = Twin(config, physics)
+    saved = state_dir / f"{config.name}.{autosave.SAV_SUFFIX}"
+    saved_at = datetime.fromtimestamp(saved.stat().st_mtime, UTC) if saved.exists() else None
+    twin = Twin(config, physics, state_dir)
     log.debug("softioc imported after %.2f s", time.monotonic() - STARTED)
     served = twin.build()
+    if args.faults:
+        try:
+            twin.schedule_faults(scenario(args.faults))
+        except FaultError as err:
+            physics.close()
+            raise SystemExit(f"twinioc: {args.faults}: {err}") from None
     builder.LoadDatabase()  # restores autosaved setpoints into the records
+    restore_journaled(twin, state_dir, saved_at)
     log.debug("%d records built after %.2f s", len(served), time.monotonic() - STARTED)
     try:
         physics.wait_ready()  # before serving, so that every put has a model to go to

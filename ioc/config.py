@@ -100,6 +100,9 @@ class Config:
     fill_rate_mA_per_s: float = math.inf
     bind: str = "127.0.0.1"
     autosave_period_s: float = 2.0
+    journal_max_mb: float = 20.0  # the journals rotate at this size
+    journal_keep: int = 5  # rotated files kept of each journal
+    envelope: dict = field(default_factory=dict)  # what a replay may do: see ``replay.Envelope``
     sentinels: list[str] = field(default_factory=list)  # real names that no other server may answer
     sentinel_search_s: float = 0.5
     realism: Realism = field(default_factory=Realism)
@@ -126,6 +129,9 @@ class Config:
             fill_rate_mA_per_s=float(beam.get("fill_rate_mA_per_s", math.inf)),
             bind=data.get("network", {}).get("bind", "127.0.0.1"),
             autosave_period_s=float(data.get("autosave", {}).get("period_s", 2.0)),
+            journal_max_mb=float(data.get("journal", {}).get("max_mb", 20.0)),
+            journal_keep=int(data.get("journal", {}).get("keep", 5)),
+            envelope=data.get("envelope", {}),
             sentinels=[str(name) for name in data.get("safety", {}).get("sentinels", [])],
             sentinel_search_s=float(data.get("safety", {}).get("search_s", 0.5)),
             realism=Realism.from_toml(data),

@@ -40,12 +40,11 @@ def _apply_each(engine, changes: list[Change]) -> tuple[dict, dict]:
     return {c.device: engine.settings[c.device] for c in good}, refused
 
 
-def build_engine(tables: Path, realism: Realism):
-    """The engine of a machine with the misalignments and aperture of *realism*."""
-    from twinioc.model.engine import Engine  # pyAT is loaded here only, never in the IOC process
+def misalignments(engine, realism: Realism) -> dict:
+    """The magnets' misalignments that *realism* (its seed, σ's and named offsets) gives; only the
+    non-zero ones."""
     from twinioc.model.realism import Misalignment, draw_misalignments, streams
 
-    engine = Engine.from_folder(Path(tables), aperture=realism.aperture)
     rng = streams(realism.seed)["magnet_errors"]
     errors = {}
     for kind, sigma in (("quadrupole", realism.quadrupole_offset), ("sextupole", realism.sextupole_offset)):
@@ -53,22 +52,38 @@ def build_engine(tables: Path, realism: Realism):
         errors |= draw_misalignments(magnets, rng, sigma, realism.magnet_roll)
     for magnet, (dx, dy) in realism.magnet_offsets.items():
         errors[magnet] = Misalignment(dx, dy, errors[magnet].roll if magnet in errors else 0.0)
-    engine.misalign({m: e for m, e in errors.items() if e != Misalignment()})
+    return {m: e for m, e in errors.items() if e != Misalignment()}
+
+
+def build_engine(tables: Path, realism: Realism):
+    """The engine of a machine with the misalignments and aperture of *realism*."""
+    from twinioc.model.engine import Engine  # pyAT is loaded here only, never in the IOC process
+
+    engine = Engine.from_folder(Path(tables), aperture=realism.aperture)
+    engine.misalign(misalignments(engine, realism))
     return engine
 
 
 def _serve(conn, tables: str, realism: Realism) -> None:
+    from twinioc.model.realism import Misalignment
+
     engine = build_engine(Path(tables), realism)
+    errors = misalignments(engine, realism)
     kinds = {name: c.kind for name, c in engine.devices.converters.items()}
-    conn.send({name: (c.kind, c.quantity) for name, c in engine.devices.converters.items()})
+    conn.send(({name: (c.kind, c.quantity) for name, c in engine.devices.converters.items()}, engine.version))
     chromaticity = True
     while True:
         try:
-            changes = conn.recv()
+            message = conn.recv()
         except (EOFError, KeyboardInterrupt):
             return  # the IOC has gone
-        if changes is None:
+        if message is None:
             return
+        changes, new_realism = message
+        if new_realism is not None:  # other magnet errors: the new ones, and zero where there are none now
+            new = misalignments(engine, new_realism)
+            engine.misalign(new | {m: Misalignment() for m in errors.keys() - new.keys()})
+            errors, chromaticity = new, True
         applied, refused = _apply_each(engine, changes)
         chromaticity |= any(kinds[d] in OPTICS_KINDS for d in applied)
         state = engine.compute(chromaticity=chromaticity)
@@ -88,16 +103,20 @@ class PhysicsProcess:
         child.close()
         self.kinds: dict[str, str] = {}  # device -> quadrupole | ... | rf | cavity
         self.quantities: dict[str, str] = {}  # device -> "current" | "frequency" | "voltage"
+        self.version = 0  # the engine's lattice version when it was ready
 
     def wait_ready(self) -> None:
         """Wait until the engine has loaded its lattice (raises ``EOFError`` if it could not)."""
-        devices = self._conn.recv()
+        devices, self.version = self._conn.recv()
         self.kinds = {name: kind for name, (kind, _) in devices.items()}
         self.quantities = {name: quantity for name, (_, quantity) in devices.items()}
 
-    def step(self, changes: list[Change]) -> Step:
-        """Apply *changes* (possibly none) and return the resulting state. Blocks without the GIL."""
-        self._conn.send(changes)
+    def step(self, changes: list[Change], errors: Realism | None = None) -> Step:
+        """Apply *changes* (possibly none) and return the resulting state. Blocks without the GIL.
+
+        *errors*: first misalign the magnets as these settings (seed, σ's, named offsets) say.
+        """
+        self._conn.send((changes, errors))
         return self._conn.recv()
 
     def close(self) -> None:

@@ -28,14 +28,18 @@ def _display(row: dict) -> dict:
     return fields
 
 
-def ao(row: dict, on_update: Callable, validate: Callable):
+def ao(row: dict, accept: Callable[[object, float], bool]):
+    """A setpoint. *accept* (record, value) -> bool sees every put, while the record processes it,
+    before any client can read the new value; False refuses the put and keeps the old value.
+
+    Puts beyond the limits are clamped to DRVL/DRVH by the record and raise a MINOR alarm
+    (HIHI/LOLO sit at the limits).
+    """
     low, high = _number(row["low"]), _number(row["high"])
-    # Puts beyond the limits are clamped to DRVL/DRVH by the record and raise a MINOR alarm
-    # (HIHI/LOLO sit at the limits); puts that are not finite numbers are refused by `validate`.
     return builder.aOut(
         row["pv"], DRVL=low, DRVH=high, LOPR=low, HOPR=high, HIHI=high, LOLO=low,
         HHSV="MINOR", LLSV="MINOR", initial_value=_number(row["initial"], 0.0),
-        on_update=on_update, validate=validate, autosave=True, **_display(row))
+        validate=accept, always_update=True, autosave=True, **_display(row))
 
 
 def ai(row: dict):
@@ -70,7 +74,14 @@ def stringin(row: dict):
 
 
 def longstring(row: dict):
-    return builder.longStringIn(row["pv"], initial_value="", length=256)
+    return builder.longStringIn(row["pv"], initial_value="", length=int(row["nelm"] or 256))
+
+
+def command(row: dict, check: Callable[[object, str], bool], on_command: Callable[[str], None]):
+    """A command the twin takes as a string: *check* (record, text) refuses a bad one at once (False),
+    *on_command* carries out a good one, and a put with completion (``caput -c``) ends when it has."""
+    return builder.longStringOut(row["pv"], initial_value="", length=int(row["nelm"] or 256), validate=check,
+                                 on_update=on_command, always_update=True, blocking=True)
 
 
 def waveform(row: dict):

@@ -39,10 +39,11 @@ class ConverterOutput:
     output: float
     slew: float  # units per second; math.inf: at once
     on: bool = True
+    tripped: bool = False  # a tripped converter drops to zero at once and stays there
 
     @property
     def target(self) -> float:
-        return self.setpoint if self.on else 0.0
+        return self.setpoint if self.on and not self.tripped else 0.0
 
 
 class ConverterBank:
@@ -61,6 +62,10 @@ class ConverterBank:
         """Switch a converter on or off; off, its output ramps to zero (and back to the setpoint on)."""
         self.outputs[name].on = on
 
+    def trip(self, name: str, tripped: bool = True) -> None:
+        """Trip a converter (its output falls to zero at once) or reset it (it ramps back)."""
+        self.outputs[name].tripped = tripped
+
     def set_slew(self, slew: dict[str, float]) -> None:
         for name, out in self.outputs.items():
             out.slew = slew.get(self.kinds[name], math.inf)
@@ -72,7 +77,7 @@ class ConverterBank:
             gap = out.target - out.output
             if gap == 0.0:
                 continue
-            step = out.slew * dt
+            step = math.inf if out.tripped else out.slew * dt
             out.output = out.target if abs(gap) <= step else out.output + math.copysign(step, gap)
             moved[name] = out.output
         return moved

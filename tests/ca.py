@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 
 import epics
@@ -46,3 +50,37 @@ class TwinClient:
         assert after > before, f"{pv} put did not reach the model"
         updates = caget(self("UPDATES"))
         wait_for(lambda: caget(self("UPDATES")), lambda u: u > updates)
+
+
+def ca_process(env: dict, code: str) -> str:
+    """Run *code* with pyepics in a fresh process that sees only the twin of *env*; return what it
+    prints. (This process's pyepics context belongs to the session's twins.)"""
+    done = subprocess.run([sys.executable, "-c", "import epics\n" + code], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def ca_puts(env: dict, puts: list[tuple[str, object]]) -> None:
+    """Put each (pv, value) in turn over CA, each waiting for completion, from a fresh process."""
+    ca_process(env, f"""
+import json
+for pv, value in json.loads({json.dumps(json.dumps(puts))}):
+    assert epics.caput(pv, value, wait=True, timeout=5) == 1, pv
+""")
+
+
+def ca_gets(env: dict, names: list[str]) -> dict[str, object]:
+    """Read *names* over CA from a fresh process (long strings as text)."""
+    out = ca_process(env, f"""
+import json
+names = json.loads({json.dumps(json.dumps(names))})
+values = {{}}
+for name in names:
+    pv = epics.PV(name)
+    pv.wait_for_connection(5)
+    value = pv.get(timeout=5, as_string="char" in pv.type and pv.count > 1)
+    values[name] = value.tolist() if hasattr(value, "tolist") else value
+print(json.dumps(values))
+""")
+    return json.loads(out.strip().splitlines()[-1])

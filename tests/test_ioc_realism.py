@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from ca import ca_process as ca
 from conftest import ROOT
 
 SEED = 7
@@ -60,14 +61,6 @@ def collect(context, names: list[str], seconds: float = 0.0, count: int = 0) -> 
         for subscription in subscriptions:
             subscription.close()
     return seen
-
-
-def ca(env: dict, code: str) -> str:
-    """Run *code* with pyepics in a fresh process that sees only this twin; return what it prints."""
-    done = subprocess.run([sys.executable, "-c", "import epics\n" + code], env={**os.environ, **env},
-                          capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def put_and_wait(pva, name, value, settle=0.5):

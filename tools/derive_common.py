@@ -51,6 +51,19 @@ TWIN_PVS = [
     ("BEAM:CURRENT", "ai", "beam_current", "mA", 3, "stored beam current"),
     ("SEED", "longin", "seed", "", "", "seed of every random number of this run"),
 ]
+# The twin's commands (long strings a client puts) and what they report: suffix, record, signal,
+# length of the string, description
+TWIN_COMMANDS = [
+    ("FAULT:ADD", "command", "fault_add", 256, "add a fault: KIND PATTERN key=value ..."),
+    ("FAULT:CLEAR", "command", "fault_clear", 64, "clear a fault by its number, or all"),
+    ("FAULT:LIST", "longstring", "fault_list", 4096, "active faults, one per line"),
+    ("FAULT:COUNT", "longin", "fault_count", "", "number of active faults"),
+    ("SNAPSHOT:SAVE", "command", "snapshot_save", 64, "save the twin's whole state under a name"),
+    ("SNAPSHOT:RESTORE", "command", "snapshot_restore", 64, "restore a saved state by name"),
+    ("SNAPSHOT:LIST", "longstring", "snapshot_list", 4096, "saved snapshots, one per line"),
+    ("COMMAND:RESULT", "longstring", "command_result", 256, "what the last fault or snapshot command did"),
+    ("JOURNAL:SEQ", "longin", "journal_seq", "", "number of the last journal entry"),
+]
 # Run-time controls: suffix, record, signal, unit, low, high, description (bo: the state names)
 TWIN_CONTROLS = [
     ("BPM:NOISE", "ao", "bpm_noise_um", "um", 0, 1000, "sigma of every BPM reading"),
@@ -70,6 +83,9 @@ def twin_rows(machine_rows: list[dict], n_bpms: int, modes: list[str] | None = N
                    nelm=n_bpms if record in ("waveform", "names") else "",
                    description=description, source="twin only")
             for suffix, record, signal, unit, prec, description in TWIN_PVS]
+    rows += [pv_row(f"$(P){suffix}", record, signal=signal, nelm=nelm, description=description,
+                    source="twin only: faults, snapshots, journal")
+             for suffix, record, signal, nelm, description in TWIN_COMMANDS]
     # Every converter readback in one array: the IOC publishes it once per tick, and the readback
     # PVs take their elements from it in the IOC's C code.
     n_readbacks = len({r["device"] for r in machine_rows if r["signal"] == "readback"})

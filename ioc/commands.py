@@ -1,0 +1,207 @@
+"""``twinioc journal`` and ``twinioc snapshot``: the twin's journal and snapshots from a shell.
+
+    twinioc journal show [PATH] [--since 10m] [--device 'HS*']
+                                 the puts, one line each (PATH: a journal file or a state folder)
+    twinioc journal replay PATH --dry-run
+                                 what a replay onto the twin would send, and the confirmation code
+    twinioc journal replay PATH  send it to the twin the CA environment reaches
+    twinioc journal replay PATH --any-target --dry-run        then
+    twinioc journal replay PATH --any-target --confirm CODE   onto a target that is not a twin,
+                                 inside the safety envelope (startup file [envelope], --envelope FILE)
+    twinioc snapshot save|restore NAME, twinioc snapshot list
+                                 through the twin's $(P)SNAPSHOT:* PVs, over CA
+
+The CA clients find the twin through the usual EPICS_CA_* environment, like caget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import journal
+from .config import Config
+from .replay import Envelope, commands, confirmation, load_envelope, plan, schedule, send
+
+TIMEOUT = 5.0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="twinioc", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    groups = parser.add_subparsers(dest="group", required=True)
+
+    journal_ = groups.add_parser("journal", help="show or replay the journal of puts").add_subparsers(
+        dest="action", required=True)
+    for action in ("show", "replay"):
+        sub = journal_.add_parser(action)
+        sub.add_argument("path", nargs="?", type=Path,
+                         help="journal file, or state folder (default $TWINIOC_STATE or ./var/<machine>)")
+        sub.add_argument("--machine", default="bessy2", help="startup file name (default bessy2)")
+        sub.add_argument("--config", type=Path, help="path of a startup file")
+        sub.add_argument("--since", help="from this time: ISO 8601 (UTC unless a zone is given) or 10m, 2h ago")
+        sub.add_argument("--until", help="up to this time (same forms)")
+        sub.add_argument("--device", help="only devices or PVs matching this pattern, e.g. 'HS*'")
+    show = journal_.choices["show"]
+    show.add_argument("--json", action="store_true", help="the journal's own lines")
+    replay = journal_.choices["replay"]
+    replay.add_argument("--dry-run", action="store_true", help="show what would be sent and why not; send nothing")
+    replay.add_argument("--any-target", action="store_true",
+                        help="send to whatever the CA environment reaches, not only to a twin; needs --confirm "
+                             "from a dry-run, and the envelope always applies")
+    replay.add_argument("--confirm", metavar="CODE", help="the code the dry-run printed for this plan and target")
+    replay.add_argument("--envelope", type=Path, metavar="FILE",
+                        help="TOML that narrows the envelope: max_rate_hz, [limits], [max_step]")
+    replay.add_argument("--check-envelope", action="store_true",
+                        help="apply the envelope onto a twin too (it always applies with --any-target)")
+    replay.add_argument("--speed", type=float, default=0.0,
+                        help="keep the journal's spacing, this many times faster (default 0: no waiting)")
+    replay.add_argument("--prefix", default="TWIN:", help="prefix of the twin's own PVs (default TWIN:)")
+
+    snapshot = groups.add_parser("snapshot", help="save, restore or list the twin's snapshots")
+    snapshot.add_argument("action", choices=("save", "restore", "list"))
+    snapshot.add_argument("name", nargs="?")
+    snapshot.add_argument("--prefix", default="TWIN:", help="prefix of the twin's own PVs (default TWIN:)")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.group == "snapshot":
+            return snapshot(args)
+        return show(args) if args.action == "show" else replay(args)
+    except (ValueError, OSError) as err:
+        print(f"twinioc: {err}", file=sys.stderr)
+        return 2
+
+
+def _config(args) -> Config:
+    return Config.load(args.config) if args.config else Config.for_machine(args.machine)
+
+
+def _entries(args) -> list[dict]:
+    path = args.path or Path(os.environ.get("TWINIOC_STATE", Path("var") / _config(args).name))
+    if not path.exists():
+        raise FileNotFoundError(f"no journal at {path}")
+    since = journal.parse_time(args.since) if args.since else None
+    until = journal.parse_time(args.until) if args.until else None
+    found = journal.entries(path, since, until)
+    if args.device:
+        found = (e for e in found if fnmatch.fnmatchcase(e.get("device", ""), args.device)
+                 or fnmatch.fnmatchcase(e.get("pv", ""), args.device)
+                 or any(fnmatch.fnmatchcase(d, args.device) for d in e.get("setpoints", {})))
+    return list(found)
+
+
+def show(args) -> int:
+    for entry in _entries(args):
+        if args.json:
+            print(json.dumps(entry))
+            continue
+        many = f" [{len(entry['setpoints'])} setpoints]" if entry.get("setpoints") else ""
+        detail = f"  ({entry['detail']})" if entry.get("detail") else ""
+        version = entry.get("lattice_version")
+        print(f"{entry['time']}  {entry['seq']:>7}  {entry['outcome']:<8}  {entry['pv']}  {entry['old']} -> "
+              f"{entry['new']}{many}  v{version if version is not None else '-'}{detail}")
+    return 0
+
+
+def replay(args) -> int:
+    import epics
+
+    config = _config(args)
+    setpoint_pvs = {r["device"]: r["pv"] for r in _table(config) if r["record"] == "ao" and r["signal"] == "setpoint"}
+    journal_commands = commands(_entries(args), setpoint_pvs)
+    if not journal_commands:
+        print("nothing to replay: no accepted setpoints in that part of the journal")
+        return 0
+    channels = {pv: epics.PV(pv, connection_timeout=TIMEOUT) for pv in {c.pv for c in journal_commands}}
+    marker = epics.PV(args.prefix + "SEED", connection_timeout=TIMEOUT)
+    for channel in [*channels.values(), marker]:
+        channel.wait_for_connection(TIMEOUT)
+    twin_host = marker.host if marker.connected else None
+    if not args.any_target:
+        if twin_host is None:
+            print(f"refusing: no twin answers {marker.pvname}; the target may be the real machine. Check the CA "
+                  f"environment, or pass --any-target (dry-run first)", file=sys.stderr)
+            return 2
+        elsewhere = sorted(pv for pv, c in channels.items() if c.connected and c.host != twin_host)
+        if elsewhere:
+            print(f"refusing: {', '.join(elsewhere[:5])} answer from another server than the twin at {twin_host}",
+                  file=sys.stderr)
+            return 2
+    present = {c.device: channels[c.pv].get(timeout=TIMEOUT) for c in journal_commands if channels[c.pv].connected}
+    present = {device: float(value) for device, value in present.items() if value is not None}
+    envelope = None
+    if args.any_target or args.check_envelope or args.envelope:
+        envelope = Envelope.for_machine(config, load_envelope(args.envelope))
+    verdicts = plan(journal_commands, envelope, present)
+    times = schedule(journal_commands, args.speed, envelope.max_rate_hz if envelope else 0.0)
+    hosts = sorted({c.host for c in channels.values() if c.connected})
+    target = f"{'twin' if twin_host else 'not a twin'} at {', '.join(hosts) or 'no server'}"
+    code = confirmation(verdicts, target)
+    refused = [v for v in verdicts if v.refusal]
+    print(f"{len(verdicts)} setpoint commands from {journal_commands[0].time} to {journal_commands[-1].time}, onto "
+          f"{target}; envelope: {envelope.describe() if envelope else 'not applied'}; takes {times[-1]:.1f} s; "
+          f"{len(refused)} refused")
+    if args.dry_run:
+        for verdict in verdicts:
+            c = verdict.command
+            print(f"  {c.seq:>7}  {c.pv}  {verdict.before} -> {c.value!r}  "
+                  f"{'REFUSED: ' + verdict.refusal if verdict.refusal else 'ok'}")
+        print(f"confirmation code: {code}")
+        return 1 if refused else 0
+    if args.any_target and args.confirm != code:
+        print("refusing: a replay onto a target that is not known to be a twin needs --confirm with the code a "
+              "dry-run prints for this plan and target (run it with --dry-run first)", file=sys.stderr)
+        return 2
+    sent, stop = send(verdicts, times, lambda pv, value: channels[pv].put(value, wait=True, timeout=TIMEOUT) == 1)
+    print(f"sent {sent} of {len(verdicts)}")
+    if stop is not None:
+        print(f"stopped at {stop.command.seq} {stop.command.pv} = {stop.command.value!r}: {stop.refusal}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def _table(config: Config) -> list[dict]:
+    from twinioc.model.tables import read_csv
+
+    return read_csv(config.tables / "pvs.csv")
+
+
+def snapshot(args) -> int:
+    import epics
+
+    if args.action != "list" and not args.name:
+        print("twinioc: snapshot save and restore take a NAME", file=sys.stderr)
+        return 2
+    result = epics.PV(args.prefix + "COMMAND:RESULT", connection_timeout=TIMEOUT)
+    if args.action == "list":
+        names = epics.caget(args.prefix + "SNAPSHOT:LIST", as_string=True, timeout=TIMEOUT)
+        if names is None:
+            print(f"twinioc: no twin answers {args.prefix}SNAPSHOT:LIST", file=sys.stderr)
+            return 2
+        print(names)
+        return 0
+    command = epics.PV(f"{args.prefix}SNAPSHOT:{args.action.upper()}", connection_timeout=TIMEOUT)
+    if not command.wait_for_connection(TIMEOUT):
+        print(f"twinioc: no twin answers {command.pvname}", file=sys.stderr)
+        return 2
+    result.wait_for_connection(TIMEOUT)
+    before = result.get(as_string=True, use_monitor=False)
+    command.put(args.name, wait=True, timeout=TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT
+    text = before
+    while text == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+        text = result.get(as_string=True, use_monitor=False)
+    print(text)
+    return 1 if text.startswith(("refused", "failed")) or text == before else 0
