@@ -148,16 +148,19 @@ def main(argv: list[str] | None = None) -> None:
     network_defaults(config.bind, explicit=args.bind is not None)
 
     from .physics import PhysicsProcess
-    from .sentinel import answered, search_addresses
+    from .sentinel import answered, pva_answered, search_addresses
 
     # The physics process imports pyAT and loads the lattice while this one imports softioc and
     # builds the records, and a thread looks for other servers of the machine's names: the three
     # overlap.
     physics = PhysicsProcess(config.tables, config.realism)
-    others: dict[str, str] = {}
-    search = threading.Thread(target=lambda: others.update(answered(
-        config.sentinels, search_addresses(), config.sentinel_search_s)), name="twinioc-sentinels")
-    search.start()
+    others: dict[str, str] = {}  # sentinel name -> who answers it (a CA address, a PVA port)
+    searches = [threading.Thread(target=lambda: others.update(answered(
+                    config.sentinels, search_addresses(), config.sentinel_search_s)), name="twinioc-sentinels-ca"),
+                threading.Thread(target=lambda: others.update(pva_answered(
+                    config.sentinels, config.sentinel_search_s)), name="twinioc-sentinels-pva")]
+    for search in searches:
+        search.start()
 
     from softioc import asyncio_dispatcher, autosave, builder, softioc
 
@@ -186,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
         physics.wait_ready()  # before serving, so that every put has a model to go to
     except EOFError:
         raise SystemExit("twinioc: the physics process could not start (its error is above)") from None
-    search.join()
+    for search in searches:
+        search.join()
     if others:
         found = ", ".join(f"{name} at {address}" for name, address in others.items())
         if not args.ignore_other_servers:

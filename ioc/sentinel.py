@@ -7,7 +7,9 @@ its CA server port, and listens briefly for replies. A reply means another serve
 machine, or another twin) serves those names there, and the twin refuses to start.
 
 This is a bare CA search over UDP (the protocol's version and search messages), so that the IOC's
-process needs no CA client library of its own before ``iocInit``.
+process needs no CA client library of its own before ``iocInit``. The same names are then asked
+for over PV Access (p4p's client, which shares the IOC's pvxs library), on the UDP port the twin's
+PVA server will take searches on.
 """
 
 from __future__ import annotations
@@ -68,3 +70,26 @@ def answered(names: list[str], addresses: list[tuple[str, int]], timeout: float 
                     found[names[search_id]] = f"{host}:{port}"
                 reply = reply[16 + size:]
     return found
+
+
+def pva_answered(names: list[str], timeout: float = 0.5, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The *names* that a PVA server answers where the twin's PVA server is to listen: the broadcast
+    port it is configured for (``EPICS_PVAS_BROADCAST_PORT``), at the addresses PVA searches go to
+    (``EPICS_PVA_ADDR_LIST``, or else those of CA)."""
+    if not names:
+        return {}
+    from p4p.client.thread import Context
+
+    env = os.environ if environ is None else environ
+    port = env.get("EPICS_PVAS_BROADCAST_PORT") or env.get("EPICS_PVA_BROADCAST_PORT", "5076")
+    hosts = env.get("EPICS_PVA_ADDR_LIST") or " ".join(
+        host for host, _ in search_addresses(env) if host != "255.255.255.255")
+    auto = env.get("EPICS_PVA_AUTO_ADDR_LIST", env.get("EPICS_CA_AUTO_ADDR_LIST", "YES"))
+    context = Context("pva", conf={"EPICS_PVA_ADDR_LIST": hosts, "EPICS_PVA_AUTO_ADDR_LIST": auto,
+                                   "EPICS_PVA_BROADCAST_PORT": port}, useenv=False)
+    try:
+        values = context.get(names, timeout=timeout, throw=False)
+    finally:
+        context.close()
+    return {name: f"PVA port {port}" for name, value in zip(names, values, strict=True)
+            if not isinstance(value, Exception)}

@@ -249,10 +249,11 @@ class Twin:
         """Setpoints as if each had been put (the records show them, the converters follow), but
         without a journal entry of their own: the caller journals them as one. Returns the lattice
         version that first carries them."""
+        for device, value in values.items():  # not under _lock: a put holds its record's lock, then takes _lock
+            self.setpoints[device].set(value, process=False)
         version = self._latest
         with self._lock:
             for device, value in values.items():
-                self.setpoints[device].set(value, process=False)
                 if self.bank is not None:
                     version = max(version, self._command(device, value)[1] or version)
         self._wake.set()
@@ -275,8 +276,9 @@ class Twin:
             with self._lock:
                 if not math.isfinite(value):
                     reason = f"{value} is not a finite number"
-                    self._refusals.append((device, reason))
+                    self._refusals.append((device, reason))  # the next tick raises the alarm
                     self._log_put("set", pv, device, old, value, "refused", reason)
+                    self._wake.set()
                     return False
                 detail, version = self._command(device, value)
                 low, high = self.limits[device]

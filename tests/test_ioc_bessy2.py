@@ -231,6 +231,13 @@ def test_refuses_to_start_where_another_server_answers_the_machine_names(bessy2_
     assert refused.process.wait(timeout=60) != 0
     assert "refusing to start" in refused.log() and "ORBITCC:rdPos" in refused.log()
 
+    # on ports of its own for CA, but the session twin's for PVA: PVA answers
+    on_pva = TwinProcess("bessy2", state_dir=tmp_path / "pva", prefix="TWIN2:")
+    on_pva.pva_port, on_pva.pva_broadcast = bessy2_ioc.pva_port, bessy2_ioc.pva_broadcast
+    on_pva.launch()
+    assert on_pva.process.wait(timeout=60) != 0
+    assert f"ORBITCC:rdPos at PVA port {bessy2_ioc.pva_broadcast}" in on_pva.log(), on_pva.log()
+
     forced = beside_the_session_twin("--ignore-other-servers").launch()
     try:
         deadline = time.monotonic() + 60
