@@ -27,6 +27,7 @@ test: lint              ## ruff, then the unit and integration tests
 bench: install          ## each twin under a control room's load; writes bench/results/<machine>.md
 	$(BIN)/python bench/bench_twin.py --machine bessy2
 	$(BIN)/python bench/bench_twin.py --machine mls
+	$(BIN)/python bench/bench_journal.py
 
 derive: install         ## rebuild db/ from ../shared/reference
 	$(BIN)/python tools/derive_bessy2.py

@@ -124,8 +124,9 @@ def replay(args) -> int:
         return 0
     channels = {pv: epics.PV(pv, connection_timeout=TIMEOUT) for pv in {c.pv for c in journal_commands}}
     marker = epics.PV(args.prefix + "SEED", connection_timeout=TIMEOUT)
+    deadline = time.monotonic() + TIMEOUT  # one wait for all: absent names must not add up
     for channel in [*channels.values(), marker]:
-        channel.wait_for_connection(TIMEOUT)
+        channel.wait_for_connection(max(0.1, deadline - time.monotonic()))
     twin_host = marker.host if marker.connected else None
     if not args.any_target:
         if twin_host is None:
@@ -137,8 +138,11 @@ def replay(args) -> int:
             print(f"refusing: {', '.join(elsewhere[:5])} answer from another server than the twin at {twin_host}",
                   file=sys.stderr)
             return 2
-    present = {c.device: channels[c.pv].get(timeout=TIMEOUT) for c in journal_commands if channels[c.pv].connected}
-    present = {device: float(value) for device, value in present.items() if value is not None}
+    present = {}  # each device's value on the target now
+    for device, pv in {(c.device, c.pv) for c in journal_commands}:
+        value = channels[pv].get(timeout=TIMEOUT) if channels[pv].connected else None
+        if value is not None:
+            present[device] = float(value)
     envelope = None
     if args.any_target or args.check_envelope or args.envelope:
         envelope = Envelope.for_machine(config, load_envelope(args.envelope))

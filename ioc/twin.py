@@ -270,9 +270,12 @@ class Twin:
         the put is journaled and handed to its converter before any client can read the new value:
         a put that completed is on disk, even if the IOC is killed the next moment."""
         def accept(record, value: float) -> bool:
-            if getattr(self._internal, "active", False):
-                return True  # the twin itself, setting an alarm
             old = record.get()
+            if getattr(self._internal, "active", False):
+                # the twin itself, setting an alarm: softioc does that by putting the value it read
+                # a moment before. A client's put may have come in between; then that value is
+                # stale, and refusing it keeps the client's (the alarm is set all the same).
+                return value == old
             with self._lock:
                 if not math.isfinite(value):
                     reason = f"{value} is not a finite number"
@@ -323,7 +326,7 @@ class Twin:
         def on_put(value) -> None:
             try:
                 done = apply(value)
-            except CommandError as err:  # checked already; a race (a file gone) can still end here
+            except (CommandError, FaultError) as err:  # checked already; a race (a file gone) can end here
                 self._result(f"failed: {err}")
                 self._log_put(command, pv, device, self._previous.get(pv), value, "refused", str(err))
                 return
@@ -472,6 +475,9 @@ class Twin:
             raise CommandError(f"snapshot {name!r} cannot be read: {err}") from None
         if snapshot.get("machine") != self.config.machine:
             raise CommandError(f"snapshot {name!r} is of {snapshot.get('machine')}, not {self.config.machine}")
+        missing = {"saved_at", "setpoints", "controls", "optics_mode", "errors", "faults", "beam"} - snapshot.keys()
+        if missing:
+            raise CommandError(f"snapshot {name!r} lacks {', '.join(sorted(missing))}")
         return snapshot
 
     def snapshot_names(self) -> list[str]:
@@ -630,16 +636,15 @@ class Twin:
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
-        self.journal.close()
-        self.versions.close()
+        self._wake.set()  # the journals stay open: puts may come until the IOC exits, and each is flushed
 
     def _refuse(self, device: str, reason: str) -> None:
         log.warning("refused %s: %s", device, reason)
         self._alarm(device, alarm.MINOR_ALARM, alarm.WRITE_ALARM)
 
     def _alarm(self, device: str, severity: int, status: int) -> None:
-        """Set a setpoint's alarm. That processes the record, in this thread, and is no put."""
+        """Set a setpoint's alarm. That processes the record, in this thread, and is no put
+        (``_accept`` knows it by ``_internal``)."""
         self._internal.active = True
         try:
             self.setpoints[device].set_alarm(severity, status)
