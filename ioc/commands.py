@@ -105,6 +105,10 @@ def show(args) -> int:
         if args.json:
             print(json.dumps(entry))
             continue
+        if "outcome" not in entry:  # a line of lattice.jsonl
+            print(f"{entry['time']}  {entry['seq']:>7}  v{entry.get('version')}  "
+                  + (f"outputs of {', '.join(entry['outputs'])}" if "outputs" in entry else json.dumps(entry))[:200])
+            continue
         many = f" [{len(entry['setpoints'])} setpoints]" if entry.get("setpoints") else ""
         detail = f"  ({entry['detail']})" if entry.get("detail") else ""
         version = entry.get("lattice_version")

@@ -60,19 +60,19 @@ class Envelope:
         narrows it: ``[limits] "PATTERN" = [low, high]``, ``[max_step] "PATTERN or kind" = step``,
         ``max_rate_hz``."""
         rows = read_csv(config.tables / "converters.csv")
-        settings = {**config.envelope, **(extra or {})}
-        per_kind = {**config.envelope.get("max_step", {}), **(extra or {}).get("max_step", {})}
+        tables = [config.envelope, extra or {}]  # where both say something, the stricter holds
         limits = {r["name"]: (float(r["low"]), float(r["high"])) for r in rows}
         steps = {}
         for row in rows:
             candidates = [float(row["max_step"])] if row["max_step"] else []
-            candidates += [float(v) for key, v in per_kind.items()
+            candidates += [float(step) for table in tables for key, step in table.get("max_step", {}).items()
                            if key == row["kind"] or fnmatch.fnmatchcase(row["name"], key)]
             steps[row["name"]] = min(candidates, default=math.inf)
         for pattern, (low, high) in (extra or {}).get("limits", {}).items():
             for name in fnmatch.filter(limits, pattern):
                 limits[name] = (max(limits[name][0], float(low)), min(limits[name][1], float(high)))
-        return cls(limits, steps, float(settings.get("max_rate_hz", math.inf)), {r["name"]: r["unit"] for r in rows})
+        rate = min(float(table.get("max_rate_hz", math.inf)) for table in tables)
+        return cls(limits, steps, rate, {r["name"]: r["unit"] for r in rows})
 
     def refusal(self, command: Command, current: float | None) -> str | None:
         """Why *command* is outside the envelope, with the device at *current*; None if it is not."""

@@ -619,13 +619,14 @@ class Twin:
     def _due(self, now: float) -> list[dict]:
         """Hand the commands a delay fault held back to their converters when their time has come;
         return the scenario faults whose time has come. Holds ``_lock``."""
-        due = [(device, value) for when, device, value in self._delayed if when <= now]
-        self._delayed = [entry for entry in self._delayed if entry[0] > now]
-        for device, value in due:
+        for _, device, value in (entry for entry in self._delayed if entry[0] <= now):
             self.bank.set(device, value)
-        strikes = [table for when, table in self._scheduled if when <= now]
-        self._scheduled = [entry for entry in self._scheduled if entry[0] > now]
-        return strikes
+        self._delayed = [entry for entry in self._delayed if entry[0] > now]
+        # a stuck BPM keeps a reading: it waits for the first one
+        due = [entry for entry in self._scheduled
+               if entry[0] <= now and (entry[1]["kind"] != "bpm-stuck" or self._reading is not None)]
+        self._scheduled = [entry for entry in self._scheduled if entry not in due]
+        return [table for _, table in due]
 
     def _journal_version(self, step: Step, errors: Realism | None) -> None:
         entry = {"version": step.state.version, "outputs": step.applied}

@@ -184,3 +184,31 @@ def test_a_journal_reads_back_across_rotation_and_skips_a_line_cut_by_a_crash(tm
     assert journal.Journal(tmp_path / "journal.jsonl").seq == 100  # numbering goes on after a restart
     nan = journal.Journal(tmp_path / "other.jsonl").append({"new": float("nan")})
     assert nan["new"] == "nan"
+
+
+def test_the_envelope_refuses_by_limits_and_step_and_paces_the_commands():
+    from datetime import UTC, datetime, timedelta
+
+    from twinioc.ioc.config import Config
+    from twinioc.ioc.replay import Command, Envelope, plan, schedule
+
+    envelope = Envelope.for_machine(Config.for_machine("bessy2"), {
+        "max_rate_hz": 2.0, "limits": {"HS4P1D1R": [-0.2, 0.2]}, "max_step": {"quadrupole": 0.5, "HS*": 9.0}})
+    start = datetime(2026, 11, 21, tzinfo=UTC)
+
+    def command(seq, seconds, device, value):
+        return Command(seq, start + timedelta(seconds=seconds), device, f"{device}:set", value)
+
+    q1 = 216.0
+    journal_ = [command(1, 0.0, "HS4P1D1R", 0.05), command(2, 0.1, "HS4P1D1R", 0.3),
+                command(3, 5.0, "Q1PDR", q1 + 0.6), command(4, 5.0, "Q1PDR", q1 + 0.4),
+                command(5, 6.0, "HS4P1D1R", 0.05 + MAX_STEP["HS4P1D1R"] * 1.01), command(6, 7.0, "NOSUCH", 1.0)]
+    verdicts = plan(journal_, envelope, {"HS4P1D1R": 0.0, "Q1PDR": q1})
+    assert [v.refusal is None for v in verdicts] == [True, False, False, True, False, False]
+    assert "outside [-0.2, 0.2]" in verdicts[1].refusal  # narrowed from the table's ±1 A
+    assert "step 0.6" in verdicts[2].refusal  # the quadrupoles' 2 A of the startup file, narrowed
+    assert verdicts[4].before == 0.05 and "maximum step" in verdicts[4].refusal  # the steerer's own, not 9 A
+    assert "not a converter" in verdicts[5].refusal
+    # the journal's spacing (speed 1) or none (speed 0), never faster than 2 a second
+    assert schedule(journal_[:3], 1.0, 2.0) == [0.0, 0.5, 5.0]
+    assert schedule(journal_[:3], 0.0, 2.0) == [0.0, 0.5, 1.0]
