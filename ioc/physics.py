@@ -8,6 +8,7 @@ of changes and receives a ``Step`` (what was applied, what was refused, the new 
 from __future__ import annotations
 
 import multiprocessing
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,9 +82,12 @@ def _serve(conn, tables: str, realism: Realism) -> None:
             return
         changes, new_realism = message
         if new_realism is not None:  # other magnet errors: the new ones, and zero where there are none now
-            new = misalignments(engine, new_realism)
-            engine.misalign(new | {m: Misalignment() for m in errors.keys() - new.keys()})
-            errors, chromaticity = new, True
+            try:
+                new = misalignments(engine, new_realism)
+                engine.misalign(new | {m: Misalignment() for m in errors.keys() - new.keys()})
+                errors, chromaticity = new, True
+            except (SettingError, KeyError) as err:  # e.g. a snapshot naming a magnet this lattice lacks
+                print(f"twinioc physics: magnet errors kept as they were: {err}", file=sys.stderr, flush=True)
         applied, refused = _apply_each(engine, changes)
         chromaticity |= any(kinds[d] in OPTICS_KINDS for d in applied)
         state = engine.compute(chromaticity=chromaticity)

@@ -55,6 +55,13 @@ def pva(twin):
     context.close()
 
 
+@pytest.fixture
+def clean(twin):
+    """No faults in force, not even the scenario's later one, whichever tests ran before."""
+    wait_for(twin.log, lambda text: "added: bpm-nan BPMZ1T1R" in text)
+    ca_puts(twin.client_env, [("TWIN:FAULT:CLEAR", "all")])
+
+
 def get(pva, name):
     """A value over PVA as plain Python: an array, a float, or a str (p4p's own str() adds the time)."""
     value = pva.get(name, timeout=5)
@@ -89,7 +96,7 @@ def test_a_scenario_file_sets_faults_at_start_and_later(twin, pva):
     assert values["TWIN:FAULT:LIST"] == ""
 
 
-def test_dropped_delayed_and_modified_commands(twin, pva):
+def test_dropped_delayed_and_modified_commands(twin, pva, clean):
     ca_puts(twin.client_env, [("TWIN:FAULT:ADD", "drop HS4P1D1R"), ("TWIN:FAULT:ADD", "delay VS2P1D1R seconds=1.5"),
                               ("TWIN:FAULT:ADD", "modify HS4P2D1R scale=2 offset=0.01")])
     ids = fault_ids(pva)
@@ -115,7 +122,7 @@ def test_dropped_delayed_and_modified_commands(twin, pva):
     assert [get(pva, f"{d}:rdbk") for d in ("HS4P1D1R", "VS2P1D1R", "HS4P2D1R")] == [0.0, 0.0, 0.0]
 
 
-def test_a_tripped_converter_shows_fault_and_drops_to_zero_until_cleared(twin, pva):
+def test_a_tripped_converter_shows_fault_and_drops_to_zero_until_cleared(twin, pva, clean):
     ca_puts(twin.client_env, [("HS4P1D1R:set", 0.3)])
     settle(pva)
     kicked = get(pva, "TWIN:ORBIT:TRUE:X")
@@ -136,7 +143,7 @@ def test_a_tripped_converter_shows_fault_and_drops_to_zero_until_cleared(twin, p
     ca_puts(twin.client_env, [("HS4P1D1R:set", 0.0)])
 
 
-def test_stuck_nan_and_offset_bpms(twin, pva):
+def test_stuck_nan_and_offset_bpms(twin, pva, clean):
     stuck, nan, offset = BPMS[10], BPMS[20], BPMS[30]
     ca_puts(twin.client_env, [("TWIN:FAULT:ADD", f"bpm-stuck {stuck}"), ("TWIN:FAULT:ADD", f"bpm-nan {nan}"),
                               ("TWIN:FAULT:ADD", f"bpm-offset {offset} x_um=100 y_um=-50")])
@@ -170,7 +177,7 @@ def test_a_bad_fault_is_refused_with_the_reason(twin, pva, command):
     assert (last["pv"], last["new"], last["outcome"]) == ("TWIN:FAULT:ADD", command, "refused")
 
 
-def test_a_snapshot_gives_back_every_setpoint_exactly(twin, pva):
+def test_a_snapshot_gives_back_every_setpoint_exactly(twin, pva, clean):
     rng = np.random.default_rng(11)
     converters = {r["name"]: r for r in read_csv(DB / "bessy2" / "converters.csv")}
     changed = [d for d in converters if converters[d]["kind"] in ("hsteerer", "vsteerer")][40:55] + \
