@@ -69,7 +69,6 @@ def _serve(conn, tables: str, realism: Realism) -> None:
     from twinioc.model.realism import Misalignment
 
     engine = build_engine(Path(tables), realism)
-    errors = misalignments(engine, realism)
     kinds = {name: c.kind for name, c in engine.devices.converters.items()}
     conn.send(({name: (c.kind, c.quantity) for name, c in engine.devices.converters.items()}, engine.version))
     chromaticity = True
@@ -83,9 +82,9 @@ def _serve(conn, tables: str, realism: Realism) -> None:
         changes, new_realism = message
         if new_realism is not None:  # other magnet errors: the new ones, and zero where there are none now
             try:
-                new = misalignments(engine, new_realism)
-                engine.misalign(new | {m: Misalignment() for m in errors.keys() - new.keys()})
-                errors, chromaticity = new, True
+                old, new = misalignments(engine, realism), misalignments(engine, new_realism)
+                engine.misalign(new | {m: Misalignment() for m in old.keys() - new.keys()})
+                realism, chromaticity = new_realism, True
             except (SettingError, KeyError) as err:  # e.g. a snapshot naming a magnet this lattice lacks
                 print(f"twinioc physics: magnet errors kept as they were: {err}", file=sys.stderr, flush=True)
         applied, refused = _apply_each(engine, changes)

@@ -252,9 +252,9 @@ class Twin:
         for device, value in values.items():  # not under _lock: a put holds its record's lock, then takes _lock
             self.setpoints[device].set(value, process=False)
         version = self._latest
-        with self._lock:
-            for device, value in values.items():
-                if self.bank is not None:
+        if self.bank is not None:  # before the IOC runs there are only the records
+            with self._lock:
+                for device, value in values.items():
                     version = max(version, self._command(device, value)[1] or version)
         self._wake.set()
         return version
@@ -402,12 +402,14 @@ class Twin:
                 "snapshot_save": self.save_snapshot,
                 "snapshot_restore": self.restore_snapshot}[signal]
 
-    def _result(self, text: str) -> None:
-        """Say what a command did, with the time: the same outcome twice is still a new result."""
+    def _result(self, text: str) -> str:
+        """Say what a command did, with the time: the same outcome twice is still a new result.
+        Returns *text*, for the journal."""
         log.info("%s", text)
         stamp = f" (at {datetime.now(UTC).strftime('%H:%M:%S.%f')[:-3]} UTC)"
         for record in self.signals.get("command_result", ()):
             record.set(text[:255 - len(stamp)] + stamp)
+        return text
 
     def schedule_faults(self, tables: list[dict]) -> None:
         """Faults of a scenario file: each strikes ``at_s`` seconds from now (raises ``FaultError``
@@ -419,12 +421,10 @@ class Twin:
 
     def add_fault(self, table: dict) -> str:
         with self._lock:
-            fault = self.faults.add(self.faults.make(table, self._reading))
-            for device in fault.devices if fault.kind == "trip" else ():
-                self.bank.trip(device)
+            fault = self._in_force(self.faults.make(table, self._reading))
         self._wake.set()
         self._show_faults()
-        return self._done(f"fault {fault.id} added: {fault.spec} ({_count(fault.devices, 'device')})")
+        return self._result(f"fault {fault.id} added: {fault.spec} ({_count(fault.devices, 'device')})")
 
     def clear_faults(self, which: str) -> str:
         with self._lock:
@@ -432,8 +432,15 @@ class Twin:
             self._untrip(gone)
         self._wake.set()
         self._show_faults()
-        return self._done(f"cleared {_count(gone, 'fault')}: "
+        return self._result(f"cleared {_count(gone, 'fault')}: "
                           + ", ".join(f"{f.id} ({f.spec})" for f in gone))
+
+    def _in_force(self, fault: Fault) -> Fault:
+        """Put a checked fault in force; a trip trips its converters at once. Holds ``_lock``."""
+        self.faults.add(fault)
+        for device in fault.devices if fault.kind == "trip" else ():
+            self.bank.trip(device)
+        return fault
 
     def _untrip(self, gone: list[Fault]) -> None:
         """Reset the converters no trip holds any more; they ramp back to their setpoints."""
@@ -442,10 +449,6 @@ class Twin:
             for device in fault.devices if fault.kind == "trip" else ():
                 if device not in still:
                     self.bank.trip(device, False)
-
-    def _done(self, text: str) -> str:
-        self._result(text)
-        return text
 
     def _show_faults(self) -> None:
         """The fault list, and the status of every converter: a tripped one shows FAULT and OFF."""
@@ -483,6 +486,10 @@ class Twin:
     def snapshot_names(self) -> list[str]:
         return sorted(p.stem for p in self.snapshot_dir.glob("*.json"))
 
+    def _show_snapshots(self) -> None:
+        for record in self.signals.get("snapshot_list", ()):
+            record.set("\n".join(self.snapshot_names())[:4095])
+
     def snapshot(self) -> dict:
         """The twin's whole state: setpoints, switches and controls, errors, faults, beam."""
         realism = self.config.realism
@@ -506,9 +513,8 @@ class Twin:
         temporary = path.with_suffix(".tmp")
         temporary.write_text(json.dumps(self.snapshot(), indent=1))
         temporary.replace(path)
-        for record in self.signals.get("snapshot_list", ()):
-            record.set("\n".join(self.snapshot_names())[:4095])
-        return self._done(f"snapshot {name!r} saved")
+        self._show_snapshots()
+        return self._result(f"snapshot {name!r} saved")
 
     def restore_snapshot(self, name: str) -> dict:
         """Put the twin back in a saved state; return the journal's fields (the setpoints it set)."""
@@ -525,27 +531,25 @@ class Twin:
                         self.control(signal, value)
         for record, value in zip(self.signals.get("optics_mode", ()), snapshot["optics_mode"], strict=False):
             record.set(value, process=False)
-        errors, magnets = snapshot["errors"], snapshot["errors"]["magnets"]
+        bpm, magnets = snapshot["errors"]["bpm"], _settings(snapshot["errors"]["magnets"])
         with self._lock:
             for key in ("offset", "gain", "roll", "noise"):
-                getattr(self.bpm_errors, key)[...] = np.array(errors["bpm"][key])
+                getattr(self.bpm_errors, key)[...] = np.array(bpm[key])
             realism = self.config.realism
-            if any(getattr(realism, key) != _settings(magnets)[key] for key in ERROR_SETTINGS):
-                self.config.realism = replace(realism, **_settings(magnets))
+            if any(getattr(realism, key) != magnets[key] for key in ERROR_SETTINGS):
+                self.config.realism = replace(realism, **magnets)
                 self._new_errors = self.config.realism
             gone = list(self.faults.active.values())
             self.faults.active.clear()
             self._untrip(gone)
             for table in snapshot["faults"]:
-                fault = self.faults.add(self.faults.make(table))
-                for device in fault.devices if fault.kind == "trip" else ():
-                    self.bank.trip(device)
+                self._in_force(self.faults.make(table))
             self.beam.current, self.beam.injecting = snapshot["beam"]["current_mA"], snapshot["beam"]["injecting"]
         for record in self.signals.get("seed", ()):
             record.set(self.config.realism.seed)
         version = self.set_setpoints(snapshot["setpoints"])
         self._show_faults()
-        return {"detail": self._done(f"snapshot {name!r} of {snapshot['saved_at']} restored"),
+        return {"detail": self._result(f"snapshot {name!r} of {snapshot['saved_at']} restored"),
                 "setpoints": snapshot["setpoints"], "lattice_version": version}
 
     # -- the tick -------------------------------------------------------------------------------
@@ -553,9 +557,7 @@ class Twin:
     def restore_setpoints(self, values: dict[str, float]) -> list[str]:
         """Before the IOC runs: show *values* (from the journal) in the setpoint records; return the
         devices this twin does not have."""
-        for device, value in values.items():
-            if device in self.setpoints:
-                self.setpoints[device].set(value, process=False)
+        self.set_setpoints({device: value for device, value in values.items() if device in self.setpoints})
         return sorted(set(values) - set(self.setpoints))
 
     def initial_batch(self) -> None:
@@ -567,8 +569,7 @@ class Twin:
             self._latest = self.physics.version
         self.versions.append({"event": "start", "machine": self.config.machine, "seed": self.config.realism.seed,
                               "version": self._latest})
-        for record in self.signals.get("snapshot_list", ()):
-            record.set("\n".join(self.snapshot_names())[:4095])
+        self._show_snapshots()
 
     def run(self) -> None:
         """Tick at the configured rate until ``stop()``: converters move, one batch goes to the model,
