@@ -80,6 +80,12 @@ class TwinProcess:
         """The client settings for ``p4p.client.thread.Context('pva', conf=..., useenv=False)``."""
         return pva_conf(self)
 
+    def pva_context(self):
+        """A p4p client context that reaches this twin and nothing else (close it when done)."""
+        from p4p.client.thread import Context
+
+        return Context("pva", conf=self.pva_conf, useenv=False)
+
     def start(self) -> TwinProcess:
         """Start the twin and wait until it serves."""
         self.launch()

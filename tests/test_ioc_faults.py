@@ -48,9 +48,7 @@ def twin(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pva(twin):
-    from p4p.client.thread import Context
-
-    context = Context("pva", conf=twin.pva_conf, useenv=False)
+    context = twin.pva_context()
     yield context
     context.close()
 
@@ -207,21 +205,20 @@ def test_a_snapshot_gives_back_every_setpoint_exactly(twin, pva, clean):
 def test_a_snapshot_carries_the_errors_into_a_twin_of_another_seed(tmp_path):
     """Misaligned magnets and miscalibrated BPMs come with the snapshot: the other twin's orbit and
     readings become the first one's."""
-    from p4p.client.thread import Context
     from twinioc.ioc.testing import TwinProcess
 
     quiet = ["--set", "bpm.noise_um=0", "--set", "converters.ramp=false", "--set", "converters.readback_noise_ppm=0",
              "--set", "beam.lifetime_h=inf"]
     with TwinProcess("mls", "--seed", "3", *quiet, state_dir=tmp_path / "a") as first:
         ca_puts(first.client_env, [("HS1P1K1RP:setCur", 0.5), ("TWIN:SNAPSHOT:SAVE", "errors")])
-        context = Context("pva", conf=first.pva_conf, useenv=False)
+        context = first.pva_context()
         settle(context)
         seen = {name: get(context, name) for name in ("TWIN:ORBIT:TRUE:X", "TWIN:ORBIT:X", "TWIN:ORBIT:Y")}
         context.close()
     (tmp_path / "b" / "snapshots").mkdir(parents=True)
     shutil.copy(tmp_path / "a" / "snapshots" / "errors.json", tmp_path / "b" / "snapshots")
     with TwinProcess("mls", "--seed", "4", *quiet, state_dir=tmp_path / "b") as second:
-        context = Context("pva", conf=second.pva_conf, useenv=False)
+        context = second.pva_context()
         assert np.max(np.abs(get(context, "TWIN:ORBIT:TRUE:X") - seen["TWIN:ORBIT:TRUE:X"])) > 1e-3  # mm
         ca_puts(second.client_env, [("TWIN:SNAPSHOT:RESTORE", "errors")])
         settle(context, 5)

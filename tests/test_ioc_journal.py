@@ -22,12 +22,6 @@ STEERERS = [r["name"] for r in read_csv(DB / "bessy2" / "converters.csv") if r["
 MAX_STEP = {r["name"]: float(r["max_step"]) for r in read_csv(DB / "bessy2" / "converters.csv") if r["max_step"]}
 
 
-def pva(twin):
-    from p4p.client.thread import Context
-
-    return Context("pva", conf=twin.pva_conf, useenv=False)
-
-
 def setpoints(context, devices) -> dict[str, float]:
     return {d: float(v) for d, v in zip(devices, context.get([f"{d}:set" for d in devices], timeout=5), strict=True)}
 
@@ -78,7 +72,7 @@ def test_a_thousand_puts_from_four_clients_are_journaled_in_order_and_replay_ont
     with TwinProcess("bessy2", "--ideal", "--set", "journal.max_mb=0.05", "--set", "journal.keep=100",
                      state_dir=source_dir) as source:
         put_from_clients(source.client_env, per_client)
-        context = pva(source)
+        context = source.pva_context()
         final, orbit = setpoints(context, devices), settled_orbit(context)
         context.close()
 
@@ -99,7 +93,7 @@ def test_a_thousand_puts_from_four_clients_are_journaled_in_order_and_replay_ont
         done = twinioc(fresh.client_env, "journal", "replay", str(source_dir))
         assert done.returncode == 0, done.stdout + done.stderr
         assert "sent 1000 of 1000" in done.stdout
-        context = pva(fresh)
+        context = fresh.pva_context()
         assert setpoints(context, devices) == final
         # the same orbit, to a nanometre (mm)
         np.testing.assert_allclose(settled_orbit(context), orbit, rtol=0, atol=1e-6)
@@ -152,7 +146,7 @@ def test_every_acknowledged_setpoint_is_back_after_kill_9(tmp_path):
     assert _autosaved(state / "bessy2.softsav") != {pv: v for pv, v in expected.items()}
 
     with TwinProcess("bessy2", "--ideal", state_dir=state) as again:
-        context = pva(again)
+        context = again.pva_context()
         devices = [pv.removesuffix(":set") for pv in expected]
         assert setpoints(context, devices) == {pv.removesuffix(":set"): v for pv, v in expected.items()}
         context.close()

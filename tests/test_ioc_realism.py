@@ -38,9 +38,7 @@ def real(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pva(real):
-    from p4p.client.thread import Context
-
-    context = Context("pva", conf=real.pva_conf, useenv=False)
+    context = real.pva_context()
     yield context
     context.close()
 
@@ -121,7 +119,6 @@ def test_bpm_readings_have_the_configured_noise_around_the_true_orbit(real, pva)
 
 def test_the_same_seed_gives_the_same_readings(tmp_path):
     """Two twins started with one seed show one sequence of noisy readings, tick for tick."""
-    from p4p.client.thread import Context
     from twinioc.ioc.testing import TwinProcess
 
     twins = [TwinProcess("mls", *ARGS, state_dir=tmp_path / name) for name in ("a", "b")]
@@ -130,7 +127,7 @@ def test_the_same_seed_gives_the_same_readings(tmp_path):
             twin.launch()
         for twin in twins:
             twin.wait_ready()
-        contexts = [Context("pva", conf=twin.pva_conf, useenv=False) for twin in twins]
+        contexts = [twin.pva_context() for twin in twins]
         subscriptions, runs = [], ([], [])
         for context, run in zip(contexts, runs, strict=True):
             subscriptions.append(context.monitor("TWIN:ORBIT:X", lambda v, run=run: run.append(np.asarray(v))))
