@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: install run test lint bench derive clean
+.PHONY: install run test lint bench derive container-check clean
 
 install: $(STAMP)
 
@@ -23,6 +23,9 @@ lint: install
 
 test: lint              ## ruff, then the unit and integration tests
 	$(BIN)/python -m pytest
+
+container-check:        ## the Dockerfile's install, start and health-check steps, without Docker
+	$(PYTHON) .ci/container_steps.py
 
 bench: install          ## each twin under a control room's load; writes bench/results/<machine>.md
 	$(BIN)/python bench/bench_twin.py --machine bessy2

@@ -10,6 +10,8 @@
     twinioc journal show|replay  read the journal of puts, replay it (twinioc journal -h)
     twinioc snapshot save|restore|list NAME
                                  the twin's whole state, by name (twinioc snapshot -h)
+    twinioc get|put|monitor [--pva] NAME ...
+                                 read and write PVs over CA or PVA (twinioc get -h)
 """
 
 from __future__ import annotations
@@ -134,6 +136,10 @@ def main(argv: list[str] | None = None) -> None:
         from .commands import main as command
 
         raise SystemExit(command(argv))
+    if argv and argv[0] in ("get", "put", "monitor"):
+        from .client import main as client
+
+        raise SystemExit(client(argv))
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s twinioc %(levelname)s %(message)s")

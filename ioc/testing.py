@@ -40,8 +40,11 @@ def free_port() -> int:
 
 class TwinProcess:
     def __init__(self, machine: str = "bessy2", *args: str, state_dir: Path | None = None,
-                 prefix: str = "TWIN:", timeout: float = 60.0):
+                 prefix: str = "TWIN:", timeout: float = 60.0, seed: int | None = None):
         self.machine = machine
+        self.seed = seed  # None: the startup file's (the twin publishes it as <prefix>SEED)
+        if seed is not None:
+            args = (*args, "--seed", str(seed))
         self.args = [*args, "--prefix", prefix]
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix=f"twinioc-{machine}-"))
         self.prefix = prefix
@@ -74,6 +77,12 @@ class TwinProcess:
     def client_env(self) -> dict[str, str]:
         """What a CA or PVA client needs to find this twin and nothing else."""
         return client_env(self)
+
+    env = client_env
+
+    def pv(self, name: str) -> str:
+        """The full name of a twin-only PV: ``pv("SEED")`` is ``TWIN:SEED`` under the default prefix."""
+        return f"{self.prefix}{name}"
 
     @property
     def pva_conf(self) -> dict[str, str]:
