@@ -65,7 +65,9 @@ class ChannelAccess:
 
     def get(self, name: str) -> object:
         pv = self.pv(name)
-        value = pv.get(as_string=_is_enum(pv), timeout=self.timeout, use_monitor=False)
+        # a text's whole buffer: pyepics would otherwise ask for as many elements as it last received
+        value = pv.get(as_string=_is_enum(pv), count=pv.nelm if _is_text(pv) else None, timeout=self.timeout,
+                       use_monitor=False)
         if value is None:
             raise LookupError(f"{name}: no value within {self.timeout} s")
         return _text(value) if _is_text(pv) else value
