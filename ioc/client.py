@@ -74,7 +74,7 @@ class ChannelAccess:
 
     def put(self, name: str, value: object) -> None:
         pv = self.pv(name)
-        if pv.ftype in (self.epics.dbr.ENUM, self.epics.dbr.TIME_ENUM) and isinstance(value, str):
+        if _is_enum(pv) and isinstance(value, str):
             states = pv.get_ctrlvars(timeout=self.timeout).get("enum_strs", ())
             if value not in states:
                 raise ValueError(f"{name}: {value!r} is not one of {', '.join(states)}")
@@ -98,12 +98,12 @@ def _is_enum(pv) -> bool:
 
 
 def _is_text(pv) -> bool:
-    """A long string: a CHAR waveform. (pyepics hands it over as bytes, or one number when it is
-    one character long, so it is decoded here up to its first NUL.)"""
+    """A long string: a CHAR waveform, which pyepics hands over as numbers (decoded by ``_text``)."""
     return pv.type.endswith("char") and pv.nelm > 1
 
 
 def _text(value: object) -> str:
+    """The characters up to the first NUL (one character comes as a plain number)."""
     return np.atleast_1d(value).astype(np.uint8).tobytes().split(b"\0")[0].decode(errors="replace")
 
 

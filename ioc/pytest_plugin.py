@@ -10,8 +10,8 @@ suite in an environment where twinioc is installed gets these fixtures:
 
 Each twin runs as its own process on free loopback ports and is torn down afterwards. While it
 runs, ``os.environ`` holds the CA and PVA client settings that reach it (and nothing else), so
-pyepics, p4p, ``caproto-get``, ``python -m p4p.client.cli`` and any subprocess find it. pyepics
-contexts made before the fixture are reset, so that ``epics.caget`` follows. A p4p ``Context``
+pyepics, p4p, ``twinioc get`` and any other subprocess find it. pyepics contexts made before the
+fixture are reset, so that ``epics.caget`` follows. A p4p ``Context``
 reads the environment when it is made: make it inside the test, or use ``twin.pva_context()``.
 
 Choosing the twin::

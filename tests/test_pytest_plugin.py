@@ -38,6 +38,19 @@ def test_session_options_choose_the_session_twin(twin_session):
     assert epics.caget(twin_session.pv("SEED"), timeout=5) == 11
 
 
+@pytest.fixture(scope="module")
+def module_twin(tmp_path_factory):
+    from twinioc.ioc.pytest_plugin import running_twin
+
+    with running_twin(machine="mls", ideal=True, prefix="MOD:", state_dir=tmp_path_factory.mktemp("m")) as twin:
+        yield twin
+
+
+def test_running_twin_serves_a_fixture_of_another_scope(module_twin):
+    assert epics.caget("MOD:SEED", timeout=5) is not None
+    assert os.environ["EPICS_CA_ADDR_LIST"] == f"127.0.0.1:{module_twin.ca_port}"
+
+
 @pytest.mark.twin(machine="mls", ideal=True, seed=3)
 def test_a_failing_test_shows_the_twin_log(twin):
     assert epics.caget(twin.pv("SEED"), timeout=5) == -1
@@ -82,7 +95,8 @@ def test_markers_options_environment_and_failure_reports(tmp_path):
     out = done.stdout
     assert done.returncode == 1, out + done.stderr
     for passed in ("test_class_and_function_markers_merge", "test_the_environment_is_restored_after_a_twin",
-                   "test_session_options_choose_the_session_twin"):
+                   "test_session_options_choose_the_session_twin",
+                   "test_running_twin_serves_a_fixture_of_another_scope"):
         assert re.search(rf"^PASSED .*{passed}", out, re.M), out
     assert re.search(r"^FAILED .*test_a_failing_test_shows_the_twin_log", out, re.M), out
     assert re.search(r"twinioc log \(mls, .*\)", out) and "iocRun: All initialization complete" in out, out
