@@ -31,6 +31,7 @@ bench: install          ## each twin under a control room's load; writes bench/r
 	$(BIN)/python bench/bench_twin.py --machine bessy2
 	$(BIN)/python bench/bench_twin.py --machine mls
 	$(BIN)/python bench/bench_journal.py
+	$(BIN)/python bench/bench_fixture.py
 
 derive: install         ## rebuild db/ from ../shared/reference
 	$(BIN)/python tools/derive_bessy2.py

@@ -115,7 +115,10 @@ class TwinProcess:
         return self
 
     def wait_ready(self) -> None:
-        """Poll with fresh, short CA searches (a pyepics context backs off between searches)."""
+        """Poll with bare CA name searches (cheap, in this process) until the server answers, then
+        read the publication counter with pyepics in a fresh process until it has published."""
+        from .sentinel import answered
+
         deadline = time.monotonic() + self.timeout
         env = {**os.environ, **self.client_env}
         probe = ("import sys, epics; v = epics.caget(sys.argv[1], timeout=0.5, connection_timeout=0.5); "
@@ -123,6 +126,9 @@ class TwinProcess:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"twin exited with {self.process.returncode}:\n{self.log()}")
+            if not answered([self.ready_pv], [(LOOPBACK, self.ca_port)], timeout=0.05):
+                time.sleep(0.05)  # nobody on the port yet answers at once (ICMP port unreachable)
+                continue
             done = subprocess.run([sys.executable, "-c", probe, self.ready_pv], env=env,
                                   capture_output=True)
             if done.returncode == 0:
