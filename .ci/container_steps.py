@@ -23,13 +23,13 @@ Paths under /home/twin are mapped into the temporary folder. Exit status 0 when 
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import json
 import os
 import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -67,28 +67,15 @@ def copy_context(target: Path) -> None:
             shutil.copy2(path, target / relative)
 
 
-def free_port() -> int:
-    while True:
-        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            tcp.bind(("127.0.0.1", 0))
-            port = tcp.getsockname()[1]
-            try:
-                udp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-
-
 def loopback_env() -> dict[str, str]:
-    """The ports and addresses CI uses where the container has its own network namespace."""
-    ca, repeater, pva, pva_search = (free_port() for _ in range(4))
-    return {"EPICS_CA_SERVER_PORT": str(ca), "EPICS_CA_REPEATER_PORT": str(repeater),
-            "EPICS_CA_ADDR_LIST": "127.0.0.1", "EPICS_CA_AUTO_ADDR_LIST": "NO",
-            "EPICS_CAS_BEACON_ADDR_LIST": "127.0.0.1", "EPICS_CAS_AUTO_BEACON_ADDR_LIST": "NO",
-            "EPICS_PVA_SERVER_PORT": str(pva), "EPICS_PVAS_SERVER_PORT": str(pva),
-            "EPICS_PVA_BROADCAST_PORT": str(pva_search), "EPICS_PVAS_BROADCAST_PORT": str(pva_search),
-            "EPICS_PVA_ADDR_LIST": "127.0.0.1", "EPICS_PVA_AUTO_ADDR_LIST": "NO",
-            "EPICS_PVAS_BEACON_ADDR_LIST": "127.0.0.1", "EPICS_PVAS_AUTO_BEACON_ADDR_LIST": "NO"}
+    """The ports and addresses CI uses where the container has its own network namespace: the ones
+    the project's tests give a twin (``ioc/testing.py``, standard library only, loaded from the
+    source tree since this runs before anything is installed)."""
+    spec = importlib.util.spec_from_file_location("twinioc_testing", ROOT / "ioc" / "testing.py")
+    testing = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(testing)
+    ports = testing.TwinProcess(state_dir=Path(tempfile.gettempdir()))  # its free ports, nothing started
+    return {**ports.server_env, **ports.client_env}
 
 
 class Image:
