@@ -79,7 +79,10 @@ values = {{}}
 for name in names:
     pv = epics.PV(name)
     pv.wait_for_connection(5)
-    value = pv.get(timeout=5, as_string="char" in pv.type and pv.count > 1)
+    # a long string is a CHAR waveform: ask for its whole buffer (pyepics would ask for as many
+    # elements as the connection reported, one for an empty text, and hand back [0])
+    text = "char" in pv.type and pv.nelm > 1
+    value = pv.get(timeout=5, as_string=text, count=pv.nelm if text else None)
     values[name] = value.tolist() if hasattr(value, "tolist") else value
 print(json.dumps(values))
 """)
