@@ -29,7 +29,10 @@ def printed(out: str, name: str) -> str:
 
 @pytest.fixture
 def steerer(mls_ioc):
-    old = caget(STEERER)
+    """The steerer's setpoint, put back afterwards. Read fresh, not from pyepics's monitor: the last
+    test's restore may not have reached the monitor yet, and the session twin's MLS tests expect
+    the steerer where it was."""
+    old = caget(STEERER, use_monitor=False)
     yield old
     epics.caput(STEERER, old, wait=True)
 
@@ -66,7 +69,7 @@ def test_put_says_old_and_new_and_fails_when_the_ioc_keeps_another_value(steerer
 
 def test_put_of_an_enum_by_name_and_of_a_command_string(mls_ioc):
     ramp = f"{MLS_PREFIX}RAMP:ENABLE"
-    old = caget(ramp, as_string=True)
+    old = caget(ramp, as_string=True, use_monitor=False)
     try:
         done = twinioc("put", ramp, "ON")
         assert done.returncode == 0 and caget(ramp, as_string=True, use_monitor=False) == "ON"
