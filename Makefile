@@ -32,6 +32,7 @@ bench: install          ## each twin under a control room's load; writes bench/r
 	$(BIN)/python bench/bench_twin.py --machine mls
 	$(BIN)/python bench/bench_journal.py
 	$(BIN)/python bench/bench_fixture.py
+	$(BIN)/python bench/bench_restart.py
 
 derive: install         ## rebuild db/ from ../shared/reference
 	$(BIN)/python tools/derive_bessy2.py

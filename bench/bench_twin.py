@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 from twinioc.ioc.testing import TwinProcess
-from twinioc.model.tables import read_csv
+from twinioc.model.tables import MachineTables
 
 HERE = Path(__file__).resolve().parent
 DB = HERE.parent / "db"
@@ -234,7 +234,7 @@ import statistics, time, numpy as np, sys
 sys.path.insert(0, {str(HERE)!r})
 from bench_engine import naive_recompute, median_seconds
 from twinioc.ioc.config import Config
-from twinioc.ioc.physics import build_engine
+from twinioc.model.engine import build_engine
 from twinioc.model import Change
 config = Config.for_machine({machine!r})
 engine = build_engine(config.tables, config.realism)
@@ -257,12 +257,13 @@ def run(machine: str, clients: int, seconds: float, puts: int) -> Figures:
     from load import MonitorLoad, build
 
     build(HERE / ".build")
-    rows = [dict(r, pv=r["pv"].replace("$(P)", PREFIX)) for r in read_csv(DB / machine / "pvs.csv")]
-    kinds = {r["name"]: (r["kind"], float(r["default"])) for r in read_csv(DB / machine / "converters.csv")}
-    names = [r["pv"] for r in rows if r["record"] != "table"]
-    orbit = next(r["pv"] for r in rows if r["signal"] in ("orbit", "orbit_x"))
-    bpm_pvs = [r["pv"] for r in rows if r["signal"] in ("bpm_x", "bpm_y")]
-    setpoints = {r["device"]: r["pv"] for r in rows if r["record"] == "ao" and r["device"] in kinds}
+    tables = MachineTables(DB / machine)
+    rows = tables.pvs(PREFIX)
+    kinds = {c.name: (c.kind, c.default) for c in tables.converters.values()}
+    names = [r.pv for r in rows if r.record != "table"]
+    orbit = next(r.pv for r in rows if r.signal in ("orbit", "orbit_x"))
+    bpm_pvs = [r.pv for r in rows if r.signal in ("bpm_x", "bpm_y")]
+    setpoints = {r.device: r.pv for r in rows if r.signal == "setpoint"}
     steerers = [d for d in setpoints if kinds[d][0] == "hsteerer"]
     quadrupole = next(d for d in setpoints if kinds[d][0] == "quadrupole")
     figures = Figures(machine)

@@ -148,16 +148,23 @@ def _plain(value: object) -> object:
     return inner
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="twinioc", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
-    parser.add_argument("verb", choices=("get", "put", "monitor"))
-    parser.add_argument("names", nargs="+", metavar="NAME", help="PV names (put: NAME VALUE [VALUE ...])")
-    parser.add_argument("--pva", action="store_true", help="PV Access (p4p) instead of Channel Access (pyepics)")
-    parser.add_argument("-w", "--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
-    parser.add_argument("-n", "--count", type=int, help="monitor: stop after this many updates")
-    args = parser.parse_args(argv)
+def add_commands(commands) -> None:
+    """``get``, ``put`` and ``monitor`` among the subcommands *commands* of ``twinioc``."""
+    helps = {"get": "read PVs, like caget (or pvget with --pva)", "put": "write a PV and wait, like caput",
+             "monitor": "print each update of PVs, like camonitor"}
+    for verb, text in helps.items():
+        sub = commands.add_parser(verb, help=text, description=__doc__.splitlines()[0],
+                                  formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  epilog="\n".join(__doc__.splitlines()[2:]))
+        sub.add_argument("names", nargs="+", metavar="NAME", help="PV names (put: NAME VALUE [VALUE ...])")
+        sub.add_argument("--pva", action="store_true", help="PV Access (p4p) instead of Channel Access (pyepics)")
+        sub.add_argument("-w", "--timeout", type=float, default=5.0, help="seconds to wait (default 5)")
+        if verb == "monitor":
+            sub.add_argument("-n", "--count", type=int, help="stop after this many updates")
+        sub.set_defaults(handler=run, verb=verb)
+
+
+def run(args) -> int:
     client = (PVAccess if args.pva else ChannelAccess)(args.timeout)
     try:
         if args.verb == "get":

@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from twinioc.model.tables import MachineTables
+
 from . import journal
 from .config import Config
 from .replay import Envelope, commands, confirmation, load_envelope, plan, schedule, send
@@ -31,14 +33,13 @@ from .replay import Envelope, commands, confirmation, load_envelope, plan, sched
 TIMEOUT = 5.0
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="twinioc", description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[2:]))
-    groups = parser.add_subparsers(dest="group", required=True)
-
-    journal_ = groups.add_parser("journal", help="show or replay the journal of puts").add_subparsers(
-        dest="action", required=True)
+def add_commands(commands) -> None:
+    """``journal`` and ``snapshot`` among the subcommands *commands* of ``twinioc``."""
+    journal_ = commands.add_parser("journal", help="show or replay the journal of puts",
+                                   description=__doc__.splitlines()[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="\n".join(__doc__.splitlines()[2:])).add_subparsers(dest="action",
+                                                                                              required=True)
     for action in ("show", "replay"):
         sub = journal_.add_parser(action)
         sub.add_argument("path", nargs="?", type=Path,
@@ -48,38 +49,40 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--since", help="from this time: ISO 8601 (UTC unless a zone is given) or 10m, 2h ago")
         sub.add_argument("--until", help="up to this time (same forms)")
         sub.add_argument("--device", help="only devices or PVs matching this pattern, e.g. 'HS*'")
-    show = journal_.choices["show"]
-    show.add_argument("--json", action="store_true", help="the journal's own lines")
-    replay = journal_.choices["replay"]
-    replay.add_argument("--dry-run", action="store_true", help="show what would be sent and why not; send nothing")
-    replay.add_argument("--any-target", action="store_true",
-                        help="send to whatever the CA environment reaches, not only to a twin; needs --confirm "
-                             "from a dry-run, and the envelope always applies")
-    replay.add_argument("--confirm", metavar="CODE", help="the code the dry-run printed for this plan and target")
-    replay.add_argument("--envelope", type=Path, metavar="FILE",
-                        help="TOML that narrows the envelope: max_rate_hz, [limits], [max_step]")
-    replay.add_argument("--check-envelope", action="store_true",
-                        help="apply the envelope onto a twin too (it always applies with --any-target)")
-    replay.add_argument("--speed", type=float, default=0.0,
-                        help="keep the journal's spacing, this many times faster (default 0: no waiting)")
-    replay.add_argument("--prefix", default="TWIN:", help="prefix of the twin's own PVs (default TWIN:)")
+        sub.set_defaults(handler=_guarded(show if action == "show" else replay))
+    show_ = journal_.choices["show"]
+    show_.add_argument("--json", action="store_true", help="the journal's own lines")
+    replay_ = journal_.choices["replay"]
+    replay_.add_argument("--dry-run", action="store_true", help="show what would be sent and why not; send nothing")
+    replay_.add_argument("--any-target", action="store_true",
+                         help="send to whatever the CA environment reaches, not only to a twin; needs --confirm "
+                              "from a dry-run, and the envelope always applies")
+    replay_.add_argument("--confirm", metavar="CODE", help="the code the dry-run printed for this plan and target")
+    replay_.add_argument("--envelope", type=Path, metavar="FILE",
+                         help="TOML that narrows the envelope: max_rate_hz, [limits], [max_step]")
+    replay_.add_argument("--check-envelope", action="store_true",
+                         help="apply the envelope onto a twin too (it always applies with --any-target)")
+    replay_.add_argument("--speed", type=float, default=0.0,
+                         help="keep the journal's spacing, this many times faster (default 0: no waiting)")
+    replay_.add_argument("--prefix", default="TWIN:", help="prefix of the twin's own PVs (default TWIN:)")
 
-    snapshot = groups.add_parser("snapshot", help="save, restore or list the twin's snapshots")
-    snapshot.add_argument("action", choices=("save", "restore", "list"))
-    snapshot.add_argument("name", nargs="?")
-    snapshot.add_argument("--prefix", default="TWIN:", help="prefix of the twin's own PVs (default TWIN:)")
-    return parser
+    snapshot_ = commands.add_parser("snapshot", help="save, restore or list the twin's snapshots (over CA)")
+    snapshot_.add_argument("action", choices=("save", "restore", "list"))
+    snapshot_.add_argument("name", nargs="?")
+    snapshot_.add_argument("--prefix", default="TWIN:", help="prefix of the twin's own PVs (default TWIN:)")
+    snapshot_.set_defaults(handler=_guarded(snapshot))
 
 
-def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        if args.group == "snapshot":
-            return snapshot(args)
-        return show(args) if args.action == "show" else replay(args)
-    except (ValueError, OSError) as err:
-        print(f"twinioc: {err}", file=sys.stderr)
-        return 2
+def _guarded(command):
+    """*command*, with a bad path, time or file reported as the message and exit status 2."""
+    def run(args) -> int:
+        try:
+            return command(args)
+        except (ValueError, OSError) as err:
+            print(f"twinioc: {err}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def _config(args) -> Config:
@@ -121,7 +124,7 @@ def replay(args) -> int:
     import epics
 
     config = _config(args)
-    setpoint_pvs = {r["device"]: r["pv"] for r in _table(config) if r["record"] == "ao" and r["signal"] == "setpoint"}
+    setpoint_pvs = {r.device: r.pv for r in MachineTables(config.tables).pvs(config.prefix) if r.signal == "setpoint"}
     journal_commands = commands(_entries(args), setpoint_pvs)
     if not journal_commands:
         print("nothing to replay: no accepted setpoints in that part of the journal")
@@ -177,12 +180,6 @@ def replay(args) -> int:
               file=sys.stderr)
         return 1
     return 0
-
-
-def _table(config: Config) -> list[dict]:
-    from twinioc.model.tables import read_csv
-
-    return read_csv(config.tables / "pvs.csv")
 
 
 def snapshot(args) -> int:

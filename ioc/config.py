@@ -1,19 +1,25 @@
-"""Startup configuration: one TOML file per machine in ``startup/``.
+"""Startup configuration: ``startup/defaults.toml`` under one TOML file per machine in ``startup/``.
 
-Any value can be overridden on the command line (``--set beam.lifetime_h=2``); ``--ideal`` is a set
-of such overrides that switches every imperfection off (``IDEAL``).
+The defaults file names every key a startup file may set, with its default and its meaning; a
+machine's file sets what is its own; ``--set section.key=value`` overrides either, and ``--ideal`` is
+a set of such overrides that switches every imperfection off (``IDEAL``). A key the defaults file
+does not name is refused, with the keys it could have been.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from twinioc.model.realism import Realism
 
 PACKAGE = Path(__file__).resolve().parent
 STARTUP = PACKAGE.parent / "startup"
 DB = PACKAGE.parent / "db"
+DEFAULTS = STARTUP / "defaults.toml"
 
 # An exact machine: no noise, no errors, no ramps, no decay, and a beam that refills at once.
 IDEAL = [
@@ -24,11 +30,15 @@ IDEAL = [
 ]
 
 
+class SettingsError(ValueError):
+    """A startup setting that does not exist or cannot be used; the message names it."""
+
+
 def override(data: dict, assignment: str) -> None:
     """Apply ``section.key=value`` (the value in TOML syntax; a bare word is a string) to *data*."""
     key, sep, text = assignment.partition("=")
-    if not sep or not key:
-        raise ValueError(f"not a key=value assignment: {assignment!r}")
+    if not sep or not key.strip():
+        raise SettingsError(f"not a key=value assignment: {assignment!r}")
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -36,111 +46,115 @@ def override(data: dict, assignment: str) -> None:
     *sections, last = key.strip().split(".")
     for section in sections:
         data = data.setdefault(section, {})
+        if not isinstance(data, dict):
+            raise SettingsError(f"{key.strip()}: {section} is a value, not a section")
     data[last] = value
 
 
-@dataclass
-class Realism:
-    """The imperfections of the machine; see the startup files for what each means and its default."""
+def merged(defaults: dict, given: dict, where: str = "") -> dict:
+    """*given* over *defaults*, refusing a key the defaults do not have or a value of another type
+    than its default. A table that is empty in the defaults takes any keys."""
+    result = copy.deepcopy(defaults)
+    for key, value in given.items():
+        name = f"{where}{key}"
+        if key not in defaults:
+            known = ", ".join(f"{where}{k}" for k in defaults)
+            raise SettingsError(f"no setting {name!r} (known{' in ' + where[:-1] if where else ''}: {known})")
+        default = defaults[key]
+        if isinstance(default, dict) and default:
+            if not isinstance(value, dict):
+                raise SettingsError(f"{name} is a section of settings, not {value!r}")
+            result[key] = merged(default, value, f"{name}.")
+        else:
+            result[key] = _typed(name, default, value)
+    return result
 
-    seed: int = 1
-    ramp: bool = True
-    slew: dict[str, float] = field(default_factory=dict)  # A/s (kV/s, kHz/s) per converter kind
-    readback_noise_ppm: float = 0.0  # of each converter's range
-    bpm_noise: float = 0.0  # m
-    bpm_noise_per_bpm: dict[str, float] = field(default_factory=dict)  # m
-    bpm_offset: float = 0.0  # m
-    bpm_gain_error: float = 0.0
-    bpm_roll: float = 0.0  # rad
-    quadrupole_offset: float = 0.0  # m
-    sextupole_offset: float = 0.0  # m
-    magnet_roll: float = 0.0  # rad
-    magnet_offsets: dict[str, tuple[float, float]] = field(default_factory=dict)  # m, per magnet
-    aperture: tuple[float, float] | None = None  # m
 
-    @classmethod
-    def from_toml(cls, data: dict) -> Realism:
-        converters, bpm, errors = data.get("converters", {}), data.get("bpm", {}), data.get("errors", {})
-        aperture = data.get("aperture")
-        return cls(
-            seed=int(data.get("seed", 1)),
-            ramp=bool(converters.get("ramp", True)),
-            slew={k: float(v) for k, v in converters.get("slew_per_s", {}).items()},
-            readback_noise_ppm=float(converters.get("readback_noise_ppm", 0.0)),
-            bpm_noise=float(bpm.get("noise_um", 0.0)) * 1e-6,
-            bpm_noise_per_bpm={k: float(v) * 1e-6 for k, v in bpm.get("noise_um_per_bpm", {}).items()},
-            bpm_offset=float(bpm.get("offset_um", 0.0)) * 1e-6,
-            bpm_gain_error=float(bpm.get("gain_error", 0.0)),
-            bpm_roll=float(bpm.get("roll_mrad", 0.0)) * 1e-3,
-            quadrupole_offset=float(errors.get("quadrupole_offset_um", 0.0)) * 1e-6,
-            sextupole_offset=float(errors.get("sextupole_offset_um", 0.0)) * 1e-6,
-            magnet_roll=float(errors.get("roll_urad", 0.0)) * 1e-6,
-            magnet_offsets={k: (float(v[0]) * 1e-6, float(v[1]) * 1e-6)
-                            for k, v in errors.get("offsets_um", {}).items()},
-            aperture=(float(aperture["x_mm"]) * 1e-3, float(aperture["y_mm"]) * 1e-3) if aperture else None,
-        )
+KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+         dict: "a table"}
 
-    @property
-    def slew_rates(self) -> dict[str, float]:
-        """Slew per kind, or nothing (every output jumps) when ramping is off."""
-        return dict(self.slew) if self.ramp else {}
+
+def _typed(name: str, default: object, value: object) -> object:
+    """*value* if it has the kind of *default* (an int for a float will do), else ``SettingsError``."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(default, bool) and isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        kind = KINDS.get(type(default), type(default).__name__)
+        raise SettingsError(f"{name} = {value!r}: it takes {kind}, like its default {default!r}")
+    return float(value) if isinstance(default, float) else value
 
 
 @dataclass
 class Config:
+    """A twin's settings: the merged startup file, in the types the twin uses."""
+
     name: str  # short name: the startup file's stem
     machine: str
     tables: Path
-    prefix: str = "TWIN:"
-    rate_hz: float = 10.0
-    beam_current_mA: float = 300.0
-    lifetime_h: float = 8.0
-    topup: bool = True
-    topup_band_mA: tuple[float, float] = (299.0, 301.0)
-    fill_rate_mA_per_s: float = math.inf
-    bind: str = "127.0.0.1"
-    autosave_period_s: float = 2.0
-    journal_max_mb: float = 20.0  # the journals rotate at this size
-    journal_keep: int = 5  # rotated files kept of each journal
-    envelope: dict = field(default_factory=dict)  # what a replay may do: see ``replay.Envelope``
-    sentinels: list[str] = field(default_factory=list)  # real names that no other server may answer
-    sentinel_search_s: float = 0.5
-    realism: Realism = field(default_factory=Realism)
+    prefix: str
+    rate_hz: float
+    beam_current_mA: float
+    lifetime_h: float
+    topup: bool
+    topup_band_mA: tuple[float, float]
+    fill_rate_mA_per_s: float
+    bind: str
+    autosave_period_s: float
+    journal_max_mb: float  # the journals rotate at this size
+    journal_keep: int  # rotated files kept of each journal
+    step_timeout_s: float  # a physics step that takes longer: the worker is taken as hung
+    max_restarts: int  # failed restarts of the physics worker in a row before the twin gives up
+    envelope: dict  # what a replay may do: see ``replay.Envelope``
+    sentinels: list[str]  # real names that no other server may answer
+    sentinel_search_s: float
+    realism: Realism
 
     @classmethod
     def load(cls, path: Path, overrides: list[str] = ()) -> Config:
+        """The settings of the startup file *path* with *overrides*; ``SettingsError`` says what is wrong."""
         path = Path(path)
-        data = tomllib.loads(path.read_text())
+        given = tomllib.loads(path.read_text())
         for assignment in overrides:
-            override(data, assignment)
-        tables = Path(data["tables"])
-        beam = data.get("beam", {})
-        current = float(beam.get("current_mA", 300.0))
+            override(given, assignment)
+        data = merged(tomllib.loads(DEFAULTS.read_text()), given)
+        for required in ("machine", "tables"):
+            if not data[required]:
+                raise SettingsError(f"{path}: {required!r} is required")
+        return cls.from_settings(path.stem, data)
+
+    @classmethod
+    def from_settings(cls, name: str, data: dict) -> Config:
+        tables, beam = Path(data["tables"]), data["beam"]
+        current = beam["current_mA"]
+        band = tuple(beam["topup_band_mA"]) or (current - 1.0, current + 1.0)
+        if len(band) != 2:
+            raise SettingsError(f"beam.topup_band_mA = {list(band)}: it takes [low, high]")
+        if not data["rate_hz"] > 0 or not math.isfinite(data["rate_hz"]):
+            raise SettingsError(f"rate_hz = {data['rate_hz']}: it must be a positive number")
         return cls(
-            name=path.stem,
-            machine=data.get("machine", path.stem),
-            tables=tables if tables.is_absolute() else DB / tables,
-            prefix=data.get("prefix", "TWIN:"),
-            rate_hz=float(data.get("rate_hz", 10.0)),
-            beam_current_mA=current,
-            lifetime_h=float(beam.get("lifetime_h", 8.0)),
-            topup=bool(beam.get("topup", True)),
-            topup_band_mA=tuple(float(v) for v in beam.get("topup_band_mA", (current - 1.0, current + 1.0))),
-            fill_rate_mA_per_s=float(beam.get("fill_rate_mA_per_s", math.inf)),
-            bind=data.get("network", {}).get("bind", "127.0.0.1"),
-            autosave_period_s=float(data.get("autosave", {}).get("period_s", 2.0)),
-            journal_max_mb=float(data.get("journal", {}).get("max_mb", 20.0)),
-            journal_keep=int(data.get("journal", {}).get("keep", 5)),
-            envelope=data.get("envelope", {}),
-            sentinels=[str(name) for name in data.get("safety", {}).get("sentinels", [])],
-            sentinel_search_s=float(data.get("safety", {}).get("search_s", 0.5)),
-            realism=Realism.from_toml(data),
+            name=name, machine=data["machine"], tables=tables if tables.is_absolute() else DB / tables,
+            prefix=data["prefix"], rate_hz=data["rate_hz"],
+            beam_current_mA=current, lifetime_h=beam["lifetime_h"], topup=beam["topup"],
+            topup_band_mA=(float(band[0]), float(band[1])), fill_rate_mA_per_s=beam["fill_rate_mA_per_s"],
+            bind=data["network"]["bind"], autosave_period_s=data["autosave"]["period_s"],
+            journal_max_mb=data["journal"]["max_mb"], journal_keep=data["journal"]["keep"],
+            step_timeout_s=data["physics"]["step_timeout_s"], max_restarts=data["physics"]["max_restarts"],
+            envelope=data["envelope"], sentinels=[str(n) for n in data["safety"]["sentinels"]],
+            sentinel_search_s=data["safety"]["search_s"], realism=Realism.from_settings(data),
         )
 
     @classmethod
     def for_machine(cls, name: str, overrides: list[str] = ()) -> Config:
         path = STARTUP / f"{name}.toml"
-        if not path.is_file():
-            known = ", ".join(sorted(p.stem for p in STARTUP.glob("*.toml")))
-            raise SystemExit(f"twinioc: no machine {name!r} (known: {known})")
+        if name == DEFAULTS.stem or not path.is_file():
+            raise SystemExit(f"twinioc: no machine {name!r} (known: {', '.join(machines())})")
         return cls.load(path, overrides)
+
+
+def machines() -> list[str]:
+    """The machines of ``startup/``: every startup file but the defaults."""
+    return sorted(p.stem for p in STARTUP.glob("*.toml") if p != DEFAULTS)

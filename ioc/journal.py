@@ -3,13 +3,15 @@
 ``journal.jsonl`` has one line per put (accepted or refused) on any of the twin's PVs::
 
     {"seq": 17, "time": "2026-11-21T10:00:00.123+00:00", "command": "set", "pv": "HS4P1D1R:set",
-     "device": "HS4P1D1R", "old": 0.0, "new": 0.1, "outcome": "accepted", "detail": "",
-     "lattice_version": 42}
+     "device": "HS4P1D1R", "old": 0.0, "new": 0.1, "outcome": "accepted", "detail": ""}
 
 ``command`` is ``set`` (a setpoint), ``power``, ``control``, ``optics``, ``fault``, ``snapshot``;
 entries that set many setpoints at once (an optics mode, a snapshot restore) list them under
-``setpoints``. ``lattice.jsonl`` has one line per lattice version: the converter outputs that batch
-applied, so that a reading (which carries its version) can be tied to the settings behind it.
+``setpoints``. ``lattice.jsonl`` has one line per lattice version, as the physics worker reported
+it: the converter outputs that batch applied and the puts (``seq``) whose values it was the first to
+carry, so that a reading (which carries its version) can be tied to the settings and the puts behind
+it. ``entries`` gives each put its ``lattice_version`` from there (None: no version carried it yet,
+e.g. a dropped command).
 
 A line is written before the put completes, and flushed: it survives ``kill -9`` of the IOC. At
 start-up the twin replays the setpoints journaled after the last autosave over the autosaved ones
@@ -25,6 +27,8 @@ import threading
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+PUTS, LATTICE = "journal.jsonl", "lattice.jsonl"  # the two journals of a state folder
 
 
 def now_iso() -> str:
@@ -99,10 +103,11 @@ def files(path: Path) -> list[Path]:
     """Every file of the journal *path*, oldest first; a journal file itself, or a folder holding
     ``journal.jsonl`` (the twin's state folder)."""
     path = Path(path)
-    if path.is_dir():
-        path = path / "journal.jsonl"
-        return [*reversed(rotated(path)), *([path] if path.exists() else [])]
-    return [path]
+    return _with_rotated(path / PUTS) if path.is_dir() else [path]
+
+
+def _with_rotated(path: Path) -> list[Path]:
+    return [*reversed(rotated(path)), *([path] if path.exists() else [])]
 
 
 def _last_line(path: Path) -> dict | None:
@@ -119,10 +124,20 @@ def _last_line(path: Path) -> dict | None:
     return None
 
 
-def entries(path: Path, since: datetime | None = None, until: datetime | None = None) -> Iterator[dict]:
+def entries(path: Path, since: datetime | None = None, until: datetime | None = None,
+            versions: bool = True) -> Iterator[dict]:
     """The journal's entries, oldest first, within [*since*, *until*]; lines cut by a crash are
-    skipped. Files last written before *since* are not read at all."""
-    for name in files(path):
+    skipped. Files last written before *since* are not read at all. *versions*: give each put the
+    lattice version that first carried it, from the lattice journal beside the put journal."""
+    carried = _carried(path, since) if versions else {}
+    for entry in _lines(files(path), since, until):
+        if "outcome" in entry:
+            entry.setdefault("lattice_version", carried.get(entry["seq"]))
+        yield entry
+
+
+def _lines(names: list[Path], since: datetime | None, until: datetime | None) -> Iterator[dict]:
+    for name in names:
         if since and datetime.fromtimestamp(name.stat().st_mtime, UTC) < since:
             continue
         with name.open(encoding="utf-8") as f:
@@ -135,6 +150,19 @@ def entries(path: Path, since: datetime | None = None, until: datetime | None = 
                 if (since and when < since) or (until and when > until):
                     continue
                 yield entry
+
+
+def _carried(path: Path, since: datetime | None) -> dict[int, int]:
+    """Put seq -> the first lattice version that carried it, from the lattice journal beside *path*."""
+    path = Path(path)
+    lattice = path / LATTICE if path.is_dir() else path.with_name(LATTICE)
+    if path.name == LATTICE:
+        return {}
+    carried: dict[int, int] = {}
+    for entry in _lines(_with_rotated(lattice), since, None):
+        for seq in entry.get("puts", ()):
+            carried.setdefault(seq, entry["version"])
+    return carried
 
 
 def setpoint_changes(journal: Iterable[dict]) -> Iterator[tuple[dict, str, float]]:
@@ -152,7 +180,7 @@ def setpoints_since(folder: Path, since: datetime | None) -> tuple[dict[str, flo
     """The last journaled value of each setpoint changed since *since* (all, if None), and how many
     entries that took."""
     last, count = {}, 0
-    for _, device, value in setpoint_changes(entries(folder, since)):
+    for _, device, value in setpoint_changes(entries(folder, since, versions=False)):
         last[device] = value
         count += 1
     return last, count

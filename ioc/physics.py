@@ -1,24 +1,35 @@
-"""The engine in its own process.
+"""The engine in a process of its own, and the supervisor that keeps one running.
 
 pyAT holds the GIL for a whole tracking call, so physics run in the IOC's Python would stall every
-put callback and every publication. The IOC talks to this process through a pipe: it sends a batch
-of changes and receives a ``Step`` (what was applied, what was refused, the new beam state).
+put callback and every publication. The IOC talks to the worker process through a pipe: it sends a
+batch of changes (and, when they changed, the magnet errors) and receives a ``Step``: what was
+applied, what was refused, the new beam state with the lattice version the worker produced.
+
+A worker that dies or does not answer a step within the time-out is replaced (``Supervisor``): the
+new one is built with the magnet errors as they are now and continues the lattice versions, and the
+twin sends it every converter output as one batch.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import multiprocessing
-import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import wait
 from pathlib import Path
 
 from twinioc.model.devices import SettingError
+from twinioc.model.realism import MagnetErrorSettings
 from twinioc.model.state import BeamState, Change
-
-from .config import Realism
+from twinioc.model.tables import MachineTables
 
 # Changes to these kinds move the optics, so chromaticity is recomputed after them.
 OPTICS_KINDS = {"quadrupole", "sextupole", "octupole", "dipole", "rf"}
+START_TIMEOUT_S = 120.0  # loading pyAT and a lattice takes a second or two; a loaded machine, longer
 
 
 @dataclass
@@ -26,51 +37,67 @@ class Step:
     state: BeamState
     applied: dict[str, float] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
+    note: str = ""  # what the worker could not do beyond the changes (magnet errors it kept)
 
 
-def _apply_each(engine, changes: list[Change]) -> tuple[dict, dict]:
-    """Apply the changes the model accepts as one batch; report the others with the reason."""
-    good, refused = [], {}
-    for change in changes:
-        try:
-            engine.check([change])
-            good.append(change)
-        except SettingError as err:
-            refused[change.device] = str(err)
-    engine.apply(good)
-    return {c.device: engine.settings[c.device] for c in good}, refused
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What a worker is built from: the machine's tables, the aperture, the magnet errors, and the
+    lattice version it continues from."""
+
+    tables: Path
+    aperture: tuple[float, float] | None
+    magnet_errors: MagnetErrorSettings
+    first_version: int = 0
 
 
-def misalignments(engine, realism: Realism) -> dict:
-    """The magnets' misalignments that *realism* (its seed, σ's and named offsets) gives; only the
-    non-zero ones."""
-    from twinioc.model.realism import Misalignment, draw_misalignments, streams
+class MagnetErrors:
+    """The settings the model's magnet errors are drawn from now, and a change the worker has yet to
+    be sent (a snapshot's errors); safe to use from any thread."""
 
-    rng = streams(realism.seed)["magnet_errors"]
-    errors = {}
-    for kind, sigma in (("quadrupole", realism.quadrupole_offset), ("sextupole", realism.sextupole_offset)):
-        magnets = [w.magnet for c in engine.devices.of_kind(kind) for w in c.windings]
-        errors |= draw_misalignments(magnets, rng, sigma, realism.magnet_roll)
-    for magnet, (dx, dy) in realism.magnet_offsets.items():
-        errors[magnet] = Misalignment(dx, dy, errors[magnet].roll if magnet in errors else 0.0)
-    return {m: e for m, e in errors.items() if e != Misalignment()}
+    def __init__(self, settings: MagnetErrorSettings):
+        self._lock = threading.Lock()
+        self.settings = settings
+        self._unsent: MagnetErrorSettings | None = None
+
+    def change(self, settings: MagnetErrorSettings) -> None:
+        with self._lock:
+            if settings != self.settings:
+                self.settings = self._unsent = settings
+
+    def take_unsent(self) -> MagnetErrorSettings | None:
+        with self._lock:
+            unsent, self._unsent = self._unsent, None
+            return unsent
+
+    def setup(self, tables: Path, aperture: tuple[float, float] | None) -> Callable[[int], WorkerSetup]:
+        """How a new worker is set up: with the errors as they are then (nothing left to send it)."""
+        def setup(first_version: int) -> WorkerSetup:
+            with self._lock:
+                self._unsent = None
+                return WorkerSetup(tables, aperture, self.settings, first_version)
+
+        return setup
 
 
-def build_engine(tables: Path, realism: Realism):
-    """The engine of a machine with the misalignments and aperture of *realism*."""
-    from twinioc.model.engine import Engine  # pyAT is loaded here only, never in the IOC process
-
-    engine = Engine.from_folder(Path(tables), aperture=realism.aperture)
-    engine.misalign(misalignments(engine, realism))
-    return engine
+class WorkerFailure(RuntimeError):
+    """The physics worker could not start, died or stopped answering; the message says which."""
 
 
-def _serve(conn, tables: str, realism: Realism) -> None:
-    from twinioc.model.realism import Misalignment
-
-    engine = build_engine(Path(tables), realism)
-    kinds = {name: c.kind for name, c in engine.devices.converters.items()}
-    conn.send(({name: (c.kind, c.quantity) for name, c in engine.devices.converters.items()}, engine.version))
+def _serve(conn, setup: WorkerSetup) -> None:
+    """The worker process: build the engine, say so, then answer batches until told to stop."""
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # pyAT's note that it cannot plot
+            from twinioc.model.engine import Engine  # pyAT is loaded here only, never in the IOC process
+        tables = MachineTables(setup.tables)
+        engine = Engine.from_tables(tables, aperture=setup.aperture)
+        engine.misalign(setup.magnet_errors.draw(tables))
+        engine.version = max(engine.version, setup.first_version)
+    except Exception as err:  # noqa: BLE001 - whatever stops the start, the IOC is told why
+        conn.send(("failed", f"{type(err).__name__}: {err}"))
+        return
+    conn.send(("ready", ({name: (c.kind, c.quantity) for name, c in engine.devices.converters.items()},
+                         engine.version)))
     chromaticity = True
     while True:
         try:
@@ -79,54 +106,164 @@ def _serve(conn, tables: str, realism: Realism) -> None:
             return  # the IOC has gone
         if message is None:
             return
-        changes, new_realism = message
-        if new_realism is not None:  # other magnet errors: the new ones, and zero where there are none now
+        changes, errors = message
+        note = ""
+        if errors is not None:  # other magnet errors
             try:
-                old, new = misalignments(engine, realism), misalignments(engine, new_realism)
-                engine.misalign(new | {m: Misalignment() for m in old.keys() - new.keys()})
-                realism, chromaticity = new_realism, True
+                engine.misalign(errors.draw(tables))
+                chromaticity = True
             except (SettingError, KeyError) as err:  # e.g. a snapshot naming a magnet this lattice lacks
-                print(f"twinioc physics: magnet errors kept as they were: {err}", file=sys.stderr, flush=True)
-        applied, refused = _apply_each(engine, changes)
-        chromaticity |= any(kinds[d] in OPTICS_KINDS for d in applied)
+                note = f"magnet errors kept as they were: {err}"
+        applied, refused = engine.apply_valid(changes)
+        chromaticity |= any(engine.devices.converters[d].kind in OPTICS_KINDS for d in applied)
         state = engine.compute(chromaticity=chromaticity)
         chromaticity = not state.stable  # retry next time if it could not be computed
-        conn.send(Step(state, applied, refused))
+        conn.send(Step(state, applied, refused, note))
 
 
-class PhysicsProcess:
-    """Runs an ``Engine`` for the machine tables in *tables* in a child process."""
+class PhysicsWorker:
+    """One worker process: started at once, ready when it has built its engine, then one step at a
+    time, each within *timeout* seconds."""
 
-    def __init__(self, tables: Path, realism: Realism):
+    def __init__(self, setup: WorkerSetup, timeout: float):
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self._process = context.Process(target=_serve, args=(child, str(tables), realism),
-                                        name="twinioc-physics", daemon=True)
+        self._process = context.Process(target=_serve, args=(child, setup), name="twinioc-physics", daemon=True)
         self._process.start()
         child.close()
+        self.timeout = timeout
+        self.started = time.monotonic()
         self.kinds: dict[str, str] = {}  # device -> quadrupole | ... | rf | cavity
         self.quantities: dict[str, str] = {}  # device -> "current" | "frequency" | "voltage"
         self.version = 0  # the engine's lattice version when it was ready
+        self.ready = False
 
-    def wait_ready(self) -> None:
-        """Wait until the engine has loaded its lattice (raises ``EOFError`` if it could not)."""
-        devices, self.version = self._conn.recv()
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
+
+    def _answer(self, timeout: float) -> object:
+        """The worker's next message, or ``WorkerFailure`` if it dies or is silent for *timeout* s."""
+        if not wait([self._conn, self._process.sentinel], timeout):
+            raise WorkerFailure(f"the worker did not answer within {timeout:g} s")
+        try:
+            if self._conn.poll():
+                return self._conn.recv()
+        except (EOFError, OSError):
+            pass
+        self._process.join(1.0)
+        raise WorkerFailure(f"the worker process ended ({_exit(self._process.exitcode)})")
+
+    def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
+        """Wait until the engine is built; ``WorkerFailure`` with the reason if it cannot be."""
+        kind, detail = self._answer(timeout)
+        if kind != "ready":
+            raise WorkerFailure(f"the worker could not start: {detail}")
+        devices, self.version = detail
         self.kinds = {name: kind for name, (kind, _) in devices.items()}
         self.quantities = {name: quantity for name, (_, quantity) in devices.items()}
+        self.ready = True
 
-    def step(self, changes: list[Change], errors: Realism | None = None) -> Step:
+    def poll_ready(self) -> bool:
+        """Whether the engine is built, without waiting (``WorkerFailure`` if it failed or is too slow)."""
+        if not self.ready:
+            late = time.monotonic() - self.started > START_TIMEOUT_S
+            if self._conn.poll() or not self._process.is_alive() or late:
+                self.wait_ready(timeout=0.0)
+        return self.ready
+
+    def step(self, changes: list[Change], errors: MagnetErrorSettings | None = None) -> Step:
         """Apply *changes* (possibly none) and return the resulting state. Blocks without the GIL.
 
         *errors*: first misalign the magnets as these settings (seed, σ's, named offsets) say.
         """
-        self._conn.send((changes, errors))
-        return self._conn.recv()
-
-    def close(self) -> None:
         try:
-            self._conn.send(None)
+            self._conn.send((changes, errors))
         except OSError:
-            pass
-        self._process.join(timeout=2)
+            self._answer(0.0)  # says why it cannot take it
+        return self._answer(self.timeout)
+
+    def alive(self) -> bool:
+        return self._process.is_alive()
+
+    def close(self, ask: bool = True) -> None:
+        """Stop the worker: ask it (unless it failed: then at once), and kill it if it does not go."""
+        if ask:
+            with contextlib.suppress(OSError):
+                self._conn.send(None)
+            self._process.join(timeout=2)
         if self._process.is_alive():
             self._process.kill()
+            self._process.join(timeout=2)
+        self._conn.close()
+
+
+def _exit(code: int | None) -> str:
+    return "still running" if code is None else f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+
+
+class Supervisor:
+    """Keeps one physics worker: notices when it dies or hangs, starts another from ``setup()``
+    (the twin's magnet errors and lattice version as they are then), and gives up after
+    *max_restarts* failed starts in a row (``fatal``)."""
+
+    def __init__(self, setup: Callable[[int], WorkerSetup], timeout: float, max_restarts: int,
+                 report: Callable[[str], None]):
+        self._setup, self._timeout, self._max_restarts, self._report = setup, timeout, max_restarts, report
+        self.worker = PhysicsWorker(setup(0), timeout)
+        self.restarts = 0
+        self.failures = 0  # failed starts in a row
+        self.version = 0  # the last lattice version a worker reported
+        self.fatal: str | None = None  # why the twin cannot go on
+        self.fresh = True  # the worker has had no batch yet: it needs every converter output
+        self.status = "starting"
+
+    def wait_ready(self) -> None:
+        """At start: wait for the first worker (``WorkerFailure`` if it cannot start: the twin exits)."""
+        self.worker.wait_ready()
+        self.version = self.worker.version
+        self.status = f"running (pid {self.worker.pid})"
+
+    def available(self) -> bool:
+        """Whether a worker is ready for a step now; replaces one that has died meanwhile."""
+        if self.fatal:
+            return False
+        try:
+            if not self.worker.poll_ready():
+                return False
+            if not self.worker.alive():
+                self.worker.step([])  # raises with the reason it has gone
+        except WorkerFailure as err:
+            self.replace(str(err))
+            return False
+        if self.status.startswith("restarting"):
+            self.status = f"running (pid {self.worker.pid}), restarted {self.restarts}x"
+            self._report(f"physics: a new worker is ready (pid {self.worker.pid}), restart {self.restarts}")
+        return True
+
+    def step(self, changes: list[Change], errors: MagnetErrorSettings | None) -> Step | None:
+        """The worker's step, or None when it failed (a new one is on its way)."""
+        try:
+            step = self.worker.step(changes, errors)
+        except WorkerFailure as err:
+            self.replace(str(err))
+            return None
+        self.version, self.failures, self.fresh = step.state.version, 0, False
+        return step
+
+    def replace(self, reason: str) -> None:
+        """Put a new worker in place of one that failed (*reason*), or give up."""
+        self.worker.close(ask=False)
+        self.failures += self.fresh  # it had not yet carried a step: this restart did not take
+        if self.failures >= self._max_restarts:
+            self.fatal = f"physics: {self.failures} new workers in a row did not come up; the last: {reason}"
+            self.status = "failed: " + reason
+            return
+        self.restarts += 1
+        self.status = f"restarting: {reason}"
+        self._report(f"physics: {reason} (pid {self.worker.pid}); starting another worker")
+        self.worker = PhysicsWorker(self._setup(self.version + 1), self._timeout)
+        self.fresh = True
+
+    def close(self) -> None:
+        self.worker.close()

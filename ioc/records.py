@@ -1,6 +1,6 @@
 """One short builder per record kind of the PV tables; defaults stated once.
 
-Each function takes a table row (with ``$(P)`` already substituted in ``pv``) and returns the
+Each function takes a table row (a ``PvRow``, its ``$(P)`` already substituted) and returns the
 pythonSoftIOC record. Setpoints (``ao``) get the put callbacks; everything else is an input that
 the twin publishes to.
 """
@@ -11,85 +11,86 @@ from collections.abc import Callable
 
 import numpy as np
 from softioc import builder
+from twinioc.model.tables import PvRow
 
 
 def _number(text: str, default: float | None = None) -> float | None:
     return float(text) if text not in ("", None) else default
 
 
-def _display(row: dict) -> dict:
+def _display(row: PvRow) -> dict:
     fields = {}
-    if row["unit"]:
-        fields["EGU"] = row["unit"]
-    if row["prec"] != "":
-        fields["PREC"] = int(row["prec"])
-    if row["description"]:
-        fields["DESC"] = row["description"][:40]
+    if row.unit:
+        fields["EGU"] = row.unit
+    if row.prec != "":
+        fields["PREC"] = int(row.prec)
+    if row.description:
+        fields["DESC"] = row.description[:40]
     return fields
 
 
-def ao(row: dict, accept: Callable[[object, float], bool]):
+def ao(row: PvRow, accept: Callable[[object, float], bool]):
     """A setpoint. *accept* (record, value) -> bool sees every put, while the record processes it,
     before any client can read the new value; False refuses the put and keeps the old value.
 
     Puts beyond the limits are clamped to DRVL/DRVH by the record and raise a MINOR alarm
     (HIHI/LOLO sit at the limits).
     """
-    low, high = _number(row["low"]), _number(row["high"])
+    low, high = _number(row.low), _number(row.high)
     return builder.aOut(
-        row["pv"], DRVL=low, DRVH=high, LOPR=low, HOPR=high, HIHI=high, LOLO=low,
-        HHSV="MINOR", LLSV="MINOR", initial_value=_number(row["initial"], 0.0),
+        row.pv, DRVL=low, DRVH=high, LOPR=low, HOPR=high, HIHI=high, LOLO=low,
+        HHSV="MINOR", LLSV="MINOR", initial_value=_number(row.initial, 0.0),
         validate=accept, always_update=True, autosave=True, **_display(row))
 
 
-def ai(row: dict):
-    return builder.aIn(row["pv"], initial_value=0.0, **_display(row))
+def ai(row: PvRow):
+    return builder.aIn(row.pv, initial_value=0.0, **_display(row))
 
 
-def longin(row: dict):
-    return builder.longIn(row["pv"], initial_value=0, **_display(row))
+def longin(row: PvRow):
+    return builder.longIn(row.pv, initial_value=0, **_display(row))
 
 
-def element_ai(row: dict, source: str, index: int):
+def element_ai(row: PvRow, source: str, index: int):
     """An ai showing element *index* of the waveform record *source*, with its alarm and time stamp.
 
     Plain EPICS: the CP link processes it in the IOC's C code whenever *source* is published, so
     that hundreds of these cost the twin one array per tick. It posts every update (MDEL -1).
     """
-    return builder.records.ai(row["pv"], INP=f"{source}.[{index}] CP MS", TSEL=f"{source}.TIME", MDEL=-1,
+    return builder.records.ai(row.pv, INP=f"{source}.[{index}] CP MS", TSEL=f"{source}.TIME", MDEL=-1,
                               **_display(row))
 
 
-def mbbi(row: dict):
-    low, high = row["description"].split("/")
-    return builder.mbbIn(row["pv"], low, (high, "MAJOR") if high == "FAULT" else high, initial_value=0)
+def mbbi(row: PvRow):
+    low, high = row.description.split("/")
+    return builder.mbbIn(row.pv, low, (high, "MAJOR") if high == "FAULT" else high, initial_value=0)
 
 
-def bi(row: dict):
-    return builder.boolIn(row["pv"], "OK", "LOST", OSV="MAJOR", initial_value=0)
+def bi(row: PvRow):
+    return builder.boolIn(row.pv, "OK", "LOST", OSV="MAJOR", initial_value=0)
 
 
-def stringin(row: dict):
-    return builder.stringIn(row["pv"], initial_value="", **_display(row))
+def stringin(row: PvRow):
+    return builder.stringIn(row.pv, initial_value="", **_display(row))
 
 
-def longstring(row: dict):
-    return builder.longStringIn(row["pv"], initial_value="", length=int(row["nelm"] or 256))
+def longstring(row: PvRow):
+    return builder.longStringIn(row.pv, initial_value="", length=int(row.nelm or 256))
 
 
-def command(row: dict, check: Callable[[object, str], bool], on_command: Callable[[str], None]):
+def command(row: PvRow, check: Callable[[object, str], bool], on_command: Callable[[str], None]):
     """A command the twin takes as a string: *check* (record, text) refuses a bad one at once (False),
     *on_command* carries out a good one, and a put with completion (``caput -c``) ends when it has."""
-    return builder.longStringOut(row["pv"], initial_value="", length=int(row["nelm"] or 256), validate=check,
+    return builder.longStringOut(row.pv, initial_value="", length=int(row.nelm or 256), validate=check,
                                  on_update=on_command, always_update=True, blocking=True)
 
 
-def waveform(row: dict):
-    return builder.WaveformIn(row["pv"], np.zeros(int(row["nelm"])), **_display(row))
+def waveform(row: PvRow):
+    return builder.WaveformIn(row.pv, np.zeros(int(row.nelm)), **_display(row))
 
 
-def names(row: dict, values: list[str]):
-    return builder.WaveformIn(row["pv"], initial_value=values, **_display(row))
+def names(row: PvRow, values: list[str]):
+    return builder.WaveformIn(row.pv, initial_value=values, **_display(row))
 
 
 def table_group(name: str, labels, columns: dict[str, object]) -> None:
@@ -108,21 +109,22 @@ def table_group(name: str, labels, columns: dict[str, object]) -> None:
         record.add_info("Q:group", {name: {f"value.{column}": field}})
 
 
-def mbbo(row: dict, states: list[str], on_select: Callable[[str], None]):
+def mbbo(row: PvRow, states: list[str], on_select: Callable[[str], None]):
     """A choice among *states* (at most 16); a put calls *on_select* with the chosen state's name."""
-    initial = states.index(row["initial"]) if row["initial"] in states else 0
-    return builder.mbbOut(row["pv"], *states, initial_value=initial, autosave=True, always_update=True,
+    initial = states.index(row.initial) if row.initial in states else 0
+    return builder.mbbOut(row.pv, *states, initial_value=initial, autosave=True, always_update=True,
                           on_update=lambda index: on_select(states[int(index)]))
 
 
-def control_ao(row: dict, on_update: Callable[[float], None]):
-    """A run-time setting of the twin (noise, lifetime, band): a number within LOW..HIGH."""
-    low, high = _number(row["low"]), _number(row["high"])
-    return builder.aOut(row["pv"], DRVL=low, DRVH=high, LOPR=low, HOPR=high, initial_value=0.0,
+def control_ao(row: PvRow, on_update: Callable[[float], None], accept: Callable[[object, float], bool]):
+    """A run-time setting of the twin (noise, lifetime, band): a number within LOW..HIGH; *accept*
+    may refuse a put (False: the old value stays) before *on_update* takes it."""
+    low, high = _number(row.low), _number(row.high)
+    return builder.aOut(row.pv, DRVL=low, DRVH=high, LOPR=low, HOPR=high, initial_value=0.0, validate=accept,
                         on_update=on_update, always_update=True, **_display(row))
 
 
-def control_bo(row: dict, on_update: Callable[[int], None]):
+def control_bo(row: PvRow, on_update: Callable[[int], None]):
     """A run-time switch of the twin; its two state names are the description "OFF/ON"."""
-    low, high = row["description"].split("/")
-    return builder.boolOut(row["pv"], low, high, initial_value=1, on_update=on_update, always_update=True)
+    low, high = row.description.split("/")
+    return builder.boolOut(row.pv, low, high, initial_value=1, on_update=on_update, always_update=True)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from twinioc.model.tables import read_csv
+from twinioc.model.tables import MachineTables
 
 from .config import Config
 from .journal import setpoint_changes
@@ -59,20 +59,20 @@ class Envelope:
         """From the converter table and the startup file's ``[envelope]``; *extra* (an envelope file)
         narrows it: ``[limits] "PATTERN" = [low, high]``, ``[max_step] "PATTERN or kind" = step``,
         ``max_rate_hz``."""
-        rows = read_csv(config.tables / "converters.csv")
+        converters = MachineTables(config.tables).converters.values()
         tables = [config.envelope, extra or {}]  # where both say something, the stricter holds
-        limits = {r["name"]: (float(r["low"]), float(r["high"])) for r in rows}
+        limits = {c.name: (c.low, c.high) for c in converters}
         steps = {}
-        for row in rows:
-            candidates = [float(row["max_step"])] if row["max_step"] else []
+        for c in converters:
+            candidates = [c.max_step] if c.max_step is not None else []
             candidates += [float(step) for table in tables for key, step in table.get("max_step", {}).items()
-                           if key == row["kind"] or fnmatch.fnmatchcase(row["name"], key)]
-            steps[row["name"]] = min(candidates, default=math.inf)
+                           if key == c.kind or fnmatch.fnmatchcase(c.name, key)]
+            steps[c.name] = min(candidates, default=math.inf)
         for pattern, (low, high) in (extra or {}).get("limits", {}).items():
             for name in fnmatch.filter(limits, pattern):
                 limits[name] = (max(limits[name][0], float(low)), min(limits[name][1], float(high)))
         rate = min(float(table.get("max_rate_hz", math.inf)) for table in tables)
-        return cls(limits, steps, rate, {r["name"]: r["unit"] for r in rows})
+        return cls(limits, steps, rate, {c.name: c.unit for c in converters})
 
     def refusal(self, command: Command, current: float | None) -> str | None:
         """Why *command* is outside the envelope, with the device at *current*; None if it is not."""

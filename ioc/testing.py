@@ -24,8 +24,12 @@ from pathlib import Path
 LOOPBACK = "127.0.0.1"
 
 
+_HANDED_OUT: set[int] = set()  # ports this process gave to a twin: free again the moment they are checked
+
+
 def free_port() -> int:
-    """A port that is free for both TCP and UDP on loopback right now."""
+    """A port that is free for both TCP and UDP on loopback right now, and not handed out before by
+    this process (two twins made one after the other, before either binds, must not share one)."""
     while True:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
             tcp.bind((LOOPBACK, 0))
@@ -35,13 +39,17 @@ def free_port() -> int:
                     udp.bind((LOOPBACK, port))
                 except OSError:
                     continue
-            return port
+            if port not in _HANDED_OUT:
+                _HANDED_OUT.add(port)
+                return port
 
 
 class TwinProcess:
     def __init__(self, machine: str = "bessy2", *args: str, state_dir: Path | None = None,
-                 prefix: str = "TWIN:", timeout: float = 60.0, seed: int | None = None):
+                 prefix: str = "TWIN:", timeout: float = 60.0, seed: int | None = None, config: Path | None = None):
+        """*machine*: a startup file of ``startup/``; *config*: a startup file of your own instead."""
         self.machine = machine
+        self.config = config
         self.seed = seed  # None: the startup file's (the twin publishes it as <prefix>SEED)
         if seed is not None:
             args = (*args, "--seed", str(seed))
@@ -105,7 +113,8 @@ class TwinProcess:
         """Start the twin's process without waiting (``wait_ready`` waits)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")}
         env.update(self.server_env)
-        command = [sys.executable, "-m", "twinioc.ioc.cli", "--machine", self.machine,
+        which = ["--config", str(self.config)] if self.config else ["--machine", self.machine]
+        command = [sys.executable, "-m", "twinioc.ioc.cli", *which,
                    "--state-dir", str(self.state_dir), *self.args]
         self._started = time.monotonic()
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -137,6 +146,14 @@ class TwinProcess:
             time.sleep(0.1)
         self.stop()
         raise TimeoutError(f"twin not ready after {self.timeout} s:\n{self.log()}")
+
+    def worker_pid(self) -> int:
+        """The pid of the twin's physics worker: its child process started by multiprocessing (from
+        any of its threads; after a restart, the new one)."""
+        root = Path(f"/proc/{self.process.pid}/task")
+        children = [int(pid) for task in root.iterdir() for pid in (task / "children").read_text().split()]
+        (worker,) = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        return worker
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .tables import read_csv
+from .tables import ConverterRow
 
 if TYPE_CHECKING:
     import at
+
+    from .tables import MachineTables
 
 SPEED_OF_LIGHT = 299_792_458.0
 
@@ -63,16 +64,9 @@ class Winding:
 
 
 @dataclass(frozen=True)
-class PowerConverter:
-    """A settable device: a magnet power converter (A), the RF master clock (kHz), a cavity (kV)."""
+class PowerConverter(ConverterRow):
+    """A settable device of the converter table, with the magnets it drives."""
 
-    name: str
-    kind: str  # quadrupole | sextupole | octupole | hsteerer | vsteerer | dipole | rf | cavity
-    unit: str
-    default: float
-    low: float
-    high: float
-    max_step: float | None = None
     windings: tuple[Winding, ...] = field(default=())
 
     @property
@@ -106,29 +100,21 @@ class DeviceMap:
     bpms: list[Bpm]
 
     @classmethod
-    def from_tables(cls, ring: at.Lattice, folder: Path) -> DeviceMap:
-        """Build the map from ``converters.csv``, ``magnets.csv`` and ``bpms.csv`` in *folder*."""
-        folder = Path(folder)
+    def from_tables(cls, ring: at.Lattice, tables: MachineTables) -> DeviceMap:
+        """Build the map from a machine's converters, magnets and BPMs."""
         index = {e.FamName: i for i, e in enumerate(ring)}
         windings: dict[str, list[Winding]] = {}
-        for row in read_csv(folder / "magnets.csv"):
-            if row["property"] not in ELEMENT_FIELDS:
-                raise ValueError(f"magnets.csv: {row['magnet']}: unknown property {row['property']}")
-            windings.setdefault(row["converter"], []).append(Winding(
-                row["magnet"], index[row["element"]], row["property"],
-                float(row["calibration"]), row["cal_unit"]))
-        converters = {}
-        for row in read_csv(folder / "converters.csv"):
-            converters[row["name"]] = PowerConverter(
-                row["name"], row["kind"], row["unit"], float(row["default"]),
-                float(row["low"]), float(row["high"]),
-                float(row["max_step"]) if row["max_step"] else None,
-                tuple(windings.pop(row["name"], ())))
+        for row in tables.magnets:
+            if row.property not in ELEMENT_FIELDS:
+                raise ValueError(f"magnets.csv: {row.magnet}: unknown property {row.property}")
+            windings.setdefault(row.converter, []).append(Winding(
+                row.magnet, index[row.element], row.property, row.calibration, row.cal_unit))
+        converters = {c.name: PowerConverter(c.name, c.kind, c.unit, c.default, c.low, c.high, c.max_step,
+                                             tuple(windings.pop(c.name, ())))
+                      for c in tables.converters.values()}
         if windings:
             raise ValueError(f"magnets.csv names converters not in converters.csv: {sorted(windings)}")
-        bpms = sorted((Bpm(int(r["index"]), r["name"], index[r["element"]])
-                       for r in read_csv(folder / "bpms.csv")), key=lambda b: b.index)
-        return cls(converters, bpms)
+        return cls(converters, [Bpm(b.index, b.name, index[b.element]) for b in tables.bpms])
 
     def of_kind(self, kind: str) -> list[PowerConverter]:
         return [c for c in self.converters.values() if c.kind == kind]
@@ -144,16 +130,3 @@ class DeviceMap:
         except KeyError:
             raise SettingError(f"unknown device {device!r}") from None
         return converter.check(quantity, value)
-
-
-def read_optics(folder: Path) -> dict[str, dict[str, float]]:
-    """The optics modes in ``optics.csv`` of *folder*: mode -> {converter: setting}, in table order.
-
-    A machine without the table has no modes.
-    """
-    path = Path(folder) / "optics.csv"
-    modes: dict[str, dict[str, float]] = {}
-    if path.is_file():
-        for row in read_csv(path):
-            modes.setdefault(row["mode"], {})[row["device"]] = float(row["value"])
-    return modes

@@ -34,10 +34,11 @@ from at.tracking.atpass import atpass
 
 from .devices import ELEMENT_FIELDS, SPEED_OF_LIGHT, DeviceMap, SettingError
 from .lattice_io import load_lattice
-from .realism import Misalignment
+from .realism import Misalignment, Realism
 from .state import BeamState, Change
+from .tables import MachineTables
 
-__all__ = ["BeamState", "Change", "Engine", "SettingError"]
+__all__ = ["BeamState", "Change", "Engine", "SettingError", "build_engine"]
 
 ORBIT_STEP = 3e-8  # m, rad and δ: the finite-difference step of the Jacobian (pyAT's XYStep)
 ORBIT_TOLERANCE = 1e-10  # the Newton step below which the orbit is converged
@@ -79,6 +80,7 @@ class Engine:
                        for c in devices.converters.values() for w in c.windings if w.field == "BEND"]
         self.version = 0
         self.settings: dict[str, float] = {}
+        self.misalignments: dict[str, Misalignment] = {}  # magnet -> its error against the design
         self._bpm_refs = np.array([b.element for b in devices.bpms])  # in the machine's BPM order
         # pyAT wants ascending refpts; the orbit comes back in lattice order and is put in BPM order
         self._bpm_sorted = np.sort(self._bpm_refs)
@@ -99,32 +101,45 @@ class Engine:
     @classmethod
     def from_folder(cls, folder: Path, aperture: tuple[float, float] | None = None) -> Engine:
         """An engine for the machine whose tables and ``lattice.json`` are in *folder*."""
-        ring = load_lattice(Path(folder) / "lattice.json")
-        return cls(ring, DeviceMap.from_tables(ring, folder), aperture)
+        return cls.from_tables(MachineTables(folder), aperture)
+
+    @classmethod
+    def from_tables(cls, tables: MachineTables, aperture: tuple[float, float] | None = None) -> Engine:
+        ring = load_lattice(tables.folder / "lattice.json")
+        return cls(ring, DeviceMap.from_tables(ring, tables), aperture)
 
     def misalign(self, errors: dict[str, Misalignment]) -> None:
-        """Shift and roll magnets (by magnet name) against the design; replaces earlier errors."""
+        """Shift and roll magnets (by magnet name) against the design. These errors replace the
+        earlier ones: a magnet they do not name goes back to the design. A new lattice version."""
         elements = {w.magnet: w.element for c in self.devices.converters.values() for w in c.windings}
         unknown = set(errors) - set(elements)
         if unknown:
             raise SettingError(f"no magnets {sorted(unknown)}")
+        for name in self.misalignments.keys() - errors.keys():
+            at.transform_elem(self.ring[elements[name]], dx=0.0, dy=0.0, tilt=0.0)
         for name, e in errors.items():
             at.transform_elem(self.ring[elements[name]], dx=e.dx, dy=e.dy, tilt=e.roll)
+        self.misalignments = dict(errors)
         self._parsed = False  # new T1/T2/R1/R2 arrays
         self.version += 1
 
     # -- update the lattice ---------------------------------------------------------------------
 
-    def check(self, changes: Iterable[Change]) -> dict[str, float]:
-        """Validate a batch; return the new settings it makes, or raise ``SettingError``."""
-        accepted, problems = {}, []
+    def _sort(self, changes: Iterable[Change]) -> tuple[dict[str, float], dict[str, str]]:
+        """Check each change once: the new settings of the good ones, the reason for each bad one."""
+        accepted, refused = {}, {}
         for device, quantity, value in changes:
             try:
                 accepted[device] = self.devices.check(device, quantity, value)
             except SettingError as err:
-                problems.append(str(err))
-        if problems:
-            raise SettingError("; ".join(problems))
+                refused[device] = str(err)
+        return accepted, refused
+
+    def check(self, changes: Iterable[Change]) -> dict[str, float]:
+        """Validate a batch; return the new settings it makes, or raise ``SettingError``."""
+        accepted, refused = self._sort(changes)
+        if refused:
+            raise SettingError("; ".join(refused.values()))
         return accepted
 
     def apply(self, changes: Iterable[Change]) -> int:
@@ -132,7 +147,16 @@ class Engine:
 
         Nothing is applied if any change is refused; an empty batch keeps the version.
         """
-        accepted = self.check(list(changes))
+        return self._commit(self.check(changes))
+
+    def apply_valid(self, changes: Iterable[Change]) -> tuple[dict[str, float], dict[str, str]]:
+        """Apply the good changes of a batch as one new lattice version (none if there are none);
+        return the settings applied and, for each refused change, why."""
+        accepted, refused = self._sort(changes)
+        self._commit(accepted)
+        return accepted, refused
+
+    def _commit(self, accepted: dict[str, float]) -> int:
         if accepted:
             self._write(accepted)
             self.version += 1
@@ -301,3 +325,11 @@ class Engine:
         tunes = [self._fractional_tunes(_central_difference(end[:, 8 * s:8 * s + 8], 4, ORBIT_STEP)[:4])
                  for s in (0, 1)]
         return (np.mod(tunes[0] - tunes[1] + 0.5, 1.0) - 0.5) / (2 * h)
+
+
+def build_engine(folder: Path, realism: Realism) -> Engine:
+    """The engine of a machine as a twin with *realism* runs it: its aperture, its magnets misaligned."""
+    tables = MachineTables(folder)
+    engine = Engine.from_tables(tables, aperture=realism.aperture)
+    engine.misalign(realism.magnet_error_settings.draw(tables))
+    return engine

@@ -10,8 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .tables import MachineTables
 
 # One stream per purpose, in this order: adding a purpose at the end keeps the others' numbers.
 STREAMS = ("magnet_errors", "bpm_errors", "bpm_noise", "converter_noise")
@@ -26,6 +30,97 @@ def streams(seed: int) -> dict[str, np.random.Generator]:
 def _normal(rng: np.random.Generator, sigma: float, size, cut: float = 3.0) -> np.ndarray:
     """Gaussian numbers of width *sigma*, cut at ±cut·σ as error tables usually are."""
     return np.clip(rng.normal(0.0, 1.0, size), -cut, cut) * sigma
+
+
+# -- the settings ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Realism:
+    """The imperfections of the machine, in SI units: what ramps, what is noisy, what is misaligned.
+
+    ``startup/defaults.toml`` says what each setting means and its default.
+    """
+
+    seed: int
+    ramp: bool
+    slew: dict[str, float]  # A/s (kV/s, kHz/s) per converter kind
+    readback_noise_ppm: float  # of each converter's range
+    bpm_noise: float  # m
+    bpm_noise_per_bpm: dict[str, float]  # m
+    bpm_offset: float  # m
+    bpm_gain_error: float
+    bpm_roll: float  # rad
+    quadrupole_offset: float  # m
+    sextupole_offset: float  # m
+    magnet_roll: float  # rad
+    magnet_offsets: dict[str, tuple[float, float]]  # m, per magnet
+    aperture: tuple[float, float] | None  # m; None: no limit
+
+    @classmethod
+    def from_settings(cls, data: dict) -> Realism:
+        """From a startup file's settings (every key present: the defaults merged in), in its units."""
+        converters, bpm, errors, aperture = data["converters"], data["bpm"], data["errors"], data["aperture"]
+        x, y = float(aperture["x_mm"]) * 1e-3, float(aperture["y_mm"]) * 1e-3
+        return cls(
+            seed=int(data["seed"]),
+            ramp=bool(converters["ramp"]),
+            slew={k: float(v) for k, v in converters["slew_per_s"].items()},
+            readback_noise_ppm=float(converters["readback_noise_ppm"]),
+            bpm_noise=float(bpm["noise_um"]) * 1e-6,
+            bpm_noise_per_bpm={k: float(v) * 1e-6 for k, v in bpm["noise_um_per_bpm"].items()},
+            bpm_offset=float(bpm["offset_um"]) * 1e-6,
+            bpm_gain_error=float(bpm["gain_error"]),
+            bpm_roll=float(bpm["roll_mrad"]) * 1e-3,
+            quadrupole_offset=float(errors["quadrupole_offset_um"]) * 1e-6,
+            sextupole_offset=float(errors["sextupole_offset_um"]) * 1e-6,
+            magnet_roll=float(errors["roll_urad"]) * 1e-6,
+            magnet_offsets={k: (float(v[0]) * 1e-6, float(v[1]) * 1e-6) for k, v in errors["offsets_um"].items()},
+            aperture=(x, y) if math.isfinite(x) or math.isfinite(y) else None,
+        )
+
+    @property
+    def slew_rates(self) -> dict[str, float]:
+        """Slew per kind, or nothing (every output jumps) when ramping is off."""
+        return dict(self.slew) if self.ramp else {}
+
+    @property
+    def magnet_error_settings(self) -> MagnetErrorSettings:
+        return MagnetErrorSettings(self.seed, self.quadrupole_offset, self.sextupole_offset, self.magnet_roll,
+                                   dict(self.magnet_offsets))
+
+
+@dataclass(frozen=True)
+class MagnetErrorSettings:
+    """What the magnets' misalignments are drawn from: the seed, the σ's and the named offsets (m, rad)."""
+
+    seed: int
+    quadrupole_offset: float
+    sextupole_offset: float
+    magnet_roll: float
+    magnet_offsets: dict[str, tuple[float, float]]
+
+    def as_dict(self) -> dict:
+        return {"seed": self.seed, "quadrupole_offset": self.quadrupole_offset,
+                "sextupole_offset": self.sextupole_offset, "magnet_roll": self.magnet_roll,
+                "magnet_offsets": {name: list(dxy) for name, dxy in self.magnet_offsets.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MagnetErrorSettings:
+        """From ``as_dict``'s form (a snapshot); raises ``KeyError``, ``TypeError``, ``ValueError``."""
+        return cls(int(data["seed"]), float(data["quadrupole_offset"]), float(data["sextupole_offset"]),
+                   float(data["magnet_roll"]),
+                   {name: (float(dxy[0]), float(dxy[1])) for name, dxy in data["magnet_offsets"].items()})
+
+    def draw(self, tables: MachineTables) -> dict[str, Misalignment]:
+        """The misalignments of the machine's magnets these settings give; only the non-zero ones."""
+        rng = streams(self.seed)["magnet_errors"]
+        errors = {}
+        for kind, sigma in (("quadrupole", self.quadrupole_offset), ("sextupole", self.sextupole_offset)):
+            errors |= draw_misalignments(tables.magnets_of_kind(kind), rng, sigma, self.magnet_roll)
+        for magnet, (dx, dy) in self.magnet_offsets.items():
+            errors[magnet] = Misalignment(dx, dy, errors[magnet].roll if magnet in errors else 0.0)
+        return {m: e for m, e in errors.items() if e != Misalignment()}
 
 
 # -- power converters ---------------------------------------------------------------------------

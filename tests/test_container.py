@@ -3,14 +3,15 @@ in CI: `.ci/container_steps.py` runs its steps; see the README)."""
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import re
 import shlex
 import tomllib
 
 import pytest
-from conftest import DB, ROOT
+from conftest import ROOT
+from twinioc.ioc.config import Config
+from twinioc.model.tables import MachineTables
 
 EPICS_PORTS = {"5064/tcp", "5064/udp", "5065/udp", "5075/tcp", "5076/udp"}  # CA, CA repeater, PVA
 
@@ -86,9 +87,8 @@ def test_the_health_check_reads_a_pv_both_machines_serve(dockerfile, section):
     assert "twinioc" in command and command[command.index("twinioc") + 1] == "get"
     pv = command[-1]
     for machine in ("bessy2", "mls"):
-        prefix = tomllib.loads((ROOT / "startup" / f"{machine}.toml").read_text())["prefix"]
-        with (DB / machine / "pvs.csv").open() as table:
-            served = {row["pv"].replace("$(P)", prefix) for row in csv.DictReader(table)}
+        config = Config.for_machine(machine)
+        served = {row.pv for row in MachineTables(config.tables).pvs(config.prefix)}
         assert pv in served, (machine, pv)
     assert f"`{pv}`" in section
     options = dict(re.findall(r"--([\w-]+)=(\d+)s", health))

@@ -98,7 +98,7 @@ def test_orbit_correction_on_a_twin_with_errors(twin, tmp_path):
 
     # the measured response against pyAT's, on the lattice with this seed's magnet errors
     from twinioc.ioc.config import Config
-    from twinioc.ioc.physics import build_engine
+    from twinioc.model.engine import build_engine
 
     config = Config.for_machine(twin.machine, [f"seed={twin.seed}", *(f"{k}={v}" for k, v in NO_BPM_OFFSETS.items())])
     engine = build_engine(config.tables, config.realism)

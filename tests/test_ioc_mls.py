@@ -16,8 +16,7 @@ from ca import TwinClient, caget
 from conftest import DB, MLS_PREFIX
 from physics import dispersion_orbit, relative_error
 from twinioc.model import Change, Engine
-from twinioc.model.devices import read_optics
-from twinioc.model.tables import read_csv
+from twinioc.model.tables import MachineTables, read_csv
 
 PVS = [row["pv"].replace("$(P)", MLS_PREFIX) for row in read_csv(DB / "mls" / "pvs.csv")]
 BPMS = [b["name"] for b in read_csv(DB / "mls" / "bpms.csv")]
@@ -173,7 +172,7 @@ def test_cavity_voltage_below_the_energy_loss_loses_the_beam(mls_ioc):
 
 
 def test_optics_mode_switch_loads_a_mode_table(mls_ioc, model):
-    modes = read_optics(DB / "mls")
+    modes = MachineTables(DB / "mls").optics
     assert epics.PV(mls("OPTICS:MODE")).get(as_string=True, timeout=5) == "user"
     mls.put(mls("OPTICS:MODE"), "low_alpha")
     try:
@@ -214,7 +213,7 @@ def test_the_twins_do_not_interfere(bessy2_ioc, mls_ioc, pva):
 def test_start_in_an_optics_mode_and_keep_later_puts_over_a_restart(tmp_path):
     from twinioc.ioc.testing import TwinProcess
 
-    modes = read_optics(DB / "mls")
+    modes = MachineTables(DB / "mls").optics
     read = ("import epics, sys; print(epics.caget('TWIN:OPTICS:MODE', as_string=True, timeout=5), "
             "*(epics.caget(pv, timeout=5) for pv in sys.argv[1:]))")
     pvs = ["S2P1RP:setCur", "S2P1RP:rdCur", "Q1P1K1RP:setCur"]

@@ -14,8 +14,8 @@ import pytest
 from conftest import DB, ROOT
 from physics import dispersion_orbit, orbit_response, relative_error, tune_shift
 from twinioc.model import Change, SettingError
-from twinioc.model.devices import read_optics
 from twinioc.model.lattice_io import load_lattice
+from twinioc.model.tables import MachineTables
 
 MODES = ["user", "injection", "low_alpha", "low_emittance", "ssmb"]
 
@@ -191,7 +191,7 @@ def test_dipole_current_sets_the_beam_energy(mls):
 
 
 def test_optics_modes_are_the_mlsreflat_tables(mls, reference):
-    modes = read_optics(DB / "mls")
+    modes = MachineTables(DB / "mls").optics
     assert list(modes) == MODES
     assert modes["user"] == {name: c.default for name, c in mls.devices.converters.items()
                              if c.kind in ("quadrupole", "sextupole", "octupole")}
@@ -211,7 +211,7 @@ def test_optics_modes_are_the_mlsreflat_tables(mls, reference):
 
 
 def test_low_alpha_modes_lower_the_momentum_compaction(mls):
-    modes = read_optics(DB / "mls")
+    modes = MachineTables(DB / "mls").optics
     compaction = {}
     for mode in MODES:
         mls.apply([Change(device, "current", value) for device, value in modes[mode].items()])
