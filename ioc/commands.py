@@ -89,13 +89,13 @@ def _config(args) -> Config:
     return Config.load(args.config) if args.config else Config.for_machine(args.machine)
 
 
-def _entries(args) -> list[dict]:
+def _entries(args, versions: bool = True) -> list[dict]:
     path = args.path or Path(os.environ.get("TWINIOC_STATE", Path("var") / _config(args).name))
     if not path.exists():
         raise FileNotFoundError(f"no journal at {path}")
     since = journal.parse_time(args.since) if args.since else None
     until = journal.parse_time(args.until) if args.until else None
-    found = journal.entries(path, since, until)
+    found = journal.entries(path, since, until, versions)
     if args.device:
         found = (e for e in found if fnmatch.fnmatchcase(e.get("device", ""), args.device)
                  or fnmatch.fnmatchcase(e.get("pv", ""), args.device)
@@ -125,7 +125,7 @@ def replay(args) -> int:
 
     config = _config(args)
     setpoint_pvs = {r.device: r.pv for r in MachineTables(config.tables).pvs(config.prefix) if r.signal == "setpoint"}
-    journal_commands = commands(_entries(args), setpoint_pvs)
+    journal_commands = commands(_entries(args, versions=False), setpoint_pvs)  # no lattice journal needed
     if not journal_commands:
         print("nothing to replay: no accepted setpoints in that part of the journal")
         return 0

@@ -56,7 +56,11 @@ class FaultDesk:
                                                            (FaultError,)))
 
     def _check_add(self, text: str) -> None:
-        self.faults.make(parse(text))
+        self.check(parse(text))
+
+    def check(self, table: dict) -> None:
+        """Raise ``FaultError`` if *table* is not a fault this twin can have."""
+        self.faults.make(table)
 
     def _check_clear(self, text: str) -> None:
         if text.strip().lower() != "all" and not (text.strip().isdigit() and int(text) in self.faults.active):
@@ -96,7 +100,7 @@ class FaultDesk:
         """Faults of a scenario file: each strikes ``at_s`` seconds from now (raises ``FaultError``
         for a bad one)."""
         for table in tables:
-            self.faults.make(table)
+            self.check(table)
         now = time.monotonic()
         self._scheduled += [(now + table["at_s"], table) for table in tables]
 

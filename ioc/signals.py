@@ -51,10 +51,10 @@ class Publication:
     lifetime_h: float
     alive: bool  # a beam is stored
     lost_reason: str  # why there is no beam ("" while there is)
-    updates: int
     journal_seq: int
     restarts: int  # of the physics worker
     physics_status: str
+    updates: int = 0  # publications of a beam state, this one included: the publisher counts them
 
 
 @dataclass(frozen=True)

@@ -154,7 +154,7 @@ class SnapshotDesk:
         try:
             snapshot = Snapshot.from_json(text, self.machine, len(self.parts.publisher.bpm_index))
             for table in snapshot.faults:
-                self.parts.faults.faults.make(table)
+                self.parts.faults.check(table)
         except (SnapshotError, FaultError, ValueError) as err:
             raise SnapshotError(f"snapshot {name!r}: {err}") from None
         unknown = snapshot.setpoints.keys() - self.parts.setpoints.setpoints.keys()

@@ -171,7 +171,7 @@ class Twin:
         with self.lock:
             moved = self.setpoints.advance(dt, now, self.faults.tripped())
             if self.supervisor.fresh:  # a new worker: every converter as it stands
-                moved = {name: out.output for name, out in self.setpoints.bank.outputs.items()}
+                moved = self._outputs()
             refusals = self.setpoints.take_refusals()
             self._carried += self.setpoints.carried(moved)
             errors = self.magnet_errors.take_unsent() if available else None
@@ -231,8 +231,7 @@ class Twin:
         else:
             reason = state.reason
         return Publication(state, reading, self.beam.current, self.beam.lifetime_h, alive, reason,
-                           self.publisher.updates, self.put_log.seq, self.supervisor.restarts,
-                           self.supervisor.status)  # the publisher counts this one in ``updates``
+                           self.put_log.seq, self.supervisor.restarts, self.supervisor.status)
 
     def stop(self) -> None:
         self._stop.set()
