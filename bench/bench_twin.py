@@ -253,7 +253,7 @@ print(median_seconds(lambda: naive_recompute(ring6), {repeat}), median_seconds(s
 
 # -- one run ------------------------------------------------------------------------------------
 
-def run(machine: str, clients: int, seconds: float, puts: int) -> Figures:
+def run(machine: str, clients: int, seconds: float, puts: int, settings: list[str] = ()) -> Figures:
     from load import MonitorLoad, build
 
     build(HERE / ".build")
@@ -268,7 +268,8 @@ def run(machine: str, clients: int, seconds: float, puts: int) -> Figures:
     quadrupole = next(d for d in setpoints if kinds[d][0] == "quadrupole")
     figures = Figures(machine)
 
-    twin = TwinProcess(machine, state_dir=Path(tempfile.mkdtemp(prefix=f"bench-{machine}-")), prefix=PREFIX)
+    twin = TwinProcess(machine, *(f"--set={s}" for s in settings),
+                       state_dir=Path(tempfile.mkdtemp(prefix=f"bench-{machine}-")), prefix=PREFIX)
     os.environ.update(twin.client_env)
     try:
         first, every = time_startup(twin, names)
@@ -387,16 +388,18 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=20, help="monitoring CA clients (default 20)")
     parser.add_argument("--seconds", type=float, default=15.0, help="length of the refresh window")
     parser.add_argument("--puts", type=int, default=100, help="puts for the latency percentiles")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a startup setting for the twin, e.g. equilibrium.enabled=false")
     parser.add_argument("--results", type=Path, default=HERE / "results", help="where <machine>.md goes")
     args = parser.parse_args()
 
-    figures = run(args.machine, args.clients, args.seconds, args.puts)
+    figures = run(args.machine, args.clients, args.seconds, args.puts, args.set)
     import at
 
     header = (f"{datetime.date.today().isoformat()}, {cpu_model()} ({os.cpu_count()} cores), "
               f"Python {platform.python_version()}, pyAT {at.__version__}; "
               f"`python bench/bench_twin.py --machine {args.machine} --clients {args.clients} "
-              f"--seconds {args.seconds:g} --puts {args.puts}`")
+              f"--seconds {args.seconds:g} --puts {args.puts}{''.join(f' --set {s}' for s in args.set)}`")
     report = f"{header}\n\n{table(figures)}\n"
     print(report)
     args.results.mkdir(parents=True, exist_ok=True)

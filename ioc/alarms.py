@@ -7,4 +7,4 @@ NO_ALARM = 0  # a severity and a status
 
 MINOR_ALARM, MAJOR_ALARM, INVALID_ALARM = 1, 2, 3  # severities
 
-READ_ALARM, WRITE_ALARM, STATE_ALARM, COMM_ALARM = 1, 2, 7, 9  # statuses
+READ_ALARM, WRITE_ALARM, STATE_ALARM, COMM_ALARM, UDF_ALARM = 1, 2, 7, 9, 17  # statuses

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from twinioc.model.realism import Realism
+from twinioc.model.state import EquilibriumSettings
 
 PACKAGE = Path(__file__).resolve().parent
 STARTUP = PACKAGE.parent / "startup"
@@ -26,7 +27,7 @@ IDEAL = [
     "converters.ramp=false", "converters.readback_noise_ppm=0",
     "bpm.noise_um=0", "bpm.offset_um=0", "bpm.gain_error=0", "bpm.roll_mrad=0",
     "errors.quadrupole_offset_um=0", "errors.sextupole_offset_um=0", "errors.roll_urad=0",
-    "beam.lifetime_h=inf", "beam.fill_rate_mA_per_s=inf", "beam.topup=true",
+    "beam.lifetime_h=inf", "beam.fill_rate_mA_per_s=inf", "beam.topup=true", "beam.current_noise_uA=0",
 ]
 
 
@@ -98,7 +99,12 @@ class Config:
     prefix: str
     rate_hz: float
     beam_current_mA: float
-    lifetime_h: float
+    lifetime_h: float  # NaN: from physics
+    gas_lifetime_h: float
+    current_noise_mA: float  # sigma of a current monitor's reading
+    equilibrium: EquilibriumSettings | None  # None: not computed
+    equilibrium_timeout_s: float
+    equilibrium_interval_s: float  # at least this long from one computation's start to the next
     topup: bool
     topup_band_mA: tuple[float, float]
     fill_rate_mA_per_s: float
@@ -139,6 +145,10 @@ class Config:
             name=name, machine=data["machine"], tables=tables if tables.is_absolute() else DB / tables,
             prefix=data["prefix"], rate_hz=data["rate_hz"],
             beam_current_mA=current, lifetime_h=beam["lifetime_h"], topup=beam["topup"],
+            gas_lifetime_h=beam["gas_lifetime_h"], current_noise_mA=beam["current_noise_uA"] * 1e-3,
+            equilibrium=_equilibrium(data) if data["equilibrium"]["enabled"] else None,
+            equilibrium_timeout_s=data["equilibrium"]["timeout_s"],
+            equilibrium_interval_s=data["equilibrium"]["min_interval_s"],
             topup_band_mA=(float(band[0]), float(band[1])), fill_rate_mA_per_s=beam["fill_rate_mA_per_s"],
             bind=data["network"]["bind"], autosave_period_s=data["autosave"]["period_s"],
             journal_max_mb=data["journal"]["max_mb"], journal_keep=data["journal"]["keep"],
@@ -153,6 +163,16 @@ class Config:
         if name == DEFAULTS.stem or not path.is_file():
             raise SystemExit(f"twinioc: no machine {name!r} (known: {', '.join(machines())})")
         return cls.load(path, overrides)
+
+
+def _equilibrium(data: dict) -> EquilibriumSettings:
+    beam, settings = data["beam"], data["equilibrium"]
+    if not (isinstance(beam["bunches"], int) and beam["bunches"] >= 0):
+        raise SettingsError(f"beam.bunches = {beam['bunches']}: it takes a whole number, 0 for every bucket")
+    if not settings["momentum_acceptance"] > 0:
+        raise SettingsError(f"equilibrium.momentum_acceptance = {settings['momentum_acceptance']}: it must be > 0")
+    return EquilibriumSettings(beam["bunches"], beam["current_mA"], settings["momentum_acceptance"],
+                               settings["vertical_emittance_floor_pm"] * 1e-12)
 
 
 def machines() -> list[str]:

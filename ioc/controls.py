@@ -11,6 +11,7 @@ import math
 import threading
 from collections.abc import Callable
 
+from twinioc.model.lifetime import BeamLifetime
 from twinioc.model.realism import BpmErrors, ConverterBank, Realism, StoredBeam
 from twinioc.model.tables import PvRow
 
@@ -21,10 +22,11 @@ NOT_SAVED = ("inject",)  # a control that starts something rather than setting i
 
 
 class RunTime:
-    """What the run-time controls act on: the stored beam, the BPMs' noise, the converters' ramps."""
+    """What the run-time controls act on: the stored beam and its lifetime, the BPMs' noise, the
+    converters' ramps."""
 
-    def __init__(self, beam: StoredBeam, bpm_errors: BpmErrors, realism: Realism):
-        self.beam, self.bpm_errors, self.realism = beam, bpm_errors, realism
+    def __init__(self, beam: StoredBeam, bpm_errors: BpmErrors, realism: Realism, lifetime: BeamLifetime):
+        self.beam, self.bpm_errors, self.realism, self.lifetime = beam, bpm_errors, realism, lifetime
         self.bank: ConverterBank | None = None  # from the first batch on
 
     @property

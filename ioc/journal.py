@@ -10,8 +10,9 @@ entries that set many setpoints at once (an optics mode, a snapshot restore) lis
 ``setpoints``. ``lattice.jsonl`` has one line per lattice version, as the physics worker reported
 it: the converter outputs that batch applied and the puts (``seq``) whose values it was the first to
 carry, so that a reading (which carries its version) can be tied to the settings and the puts behind
-it. ``entries`` gives each put its ``lattice_version`` from there (None: no version carried it yet,
-e.g. a dropped command).
+it; and one line per equilibrium published, with its version and its figures (the start line holds
+the settings it is computed with). ``entries`` gives each put its ``lattice_version`` from there
+(None: no version carried it yet, e.g. a dropped command).
 
 A line is written before the put completes, and flushed: it survives ``kill -9`` of the IOC. At
 start-up the twin replays the setpoints journaled after the last autosave over the autosaved ones

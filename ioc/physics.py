@@ -187,15 +187,20 @@ class PhysicsWorker:
         return self._process.is_alive()
 
     def close(self, ask: bool = True) -> None:
-        """Stop the worker: ask it (unless it failed: then at once), and kill it if it does not go."""
-        if ask:
-            with contextlib.suppress(OSError):
-                self._conn.send(None)
-            self._process.join(timeout=2)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join(timeout=2)
-        self._conn.close()
+        stop_process(self._process, self._conn, ask)
+
+
+def stop_process(process, conn, ask: bool = True) -> None:
+    """Stop a worker *process*: ask it through *conn* (unless it failed: then at once), and kill it
+    if it does not go."""
+    if ask:
+        with contextlib.suppress(OSError):
+            conn.send(None)
+        process.join(timeout=2)
+    if process.is_alive():
+        process.kill()
+        process.join(timeout=2)
+    conn.close()
 
 
 def _exit(code: int | None) -> str:

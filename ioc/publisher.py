@@ -1,6 +1,7 @@
 """The publisher: beam state and readbacks to records, once per tick, with the alarms they carry.
 
-Readings (``signals.READINGS``) are set from the tick's ``Publication``. Without a beam, beam
+Readings (``signals.READINGS``) are set from the tick's ``Publication``; one not known yet (the
+equilibrium before its first computation) is INVALID (UDF). Without a beam, beam
 readings keep their last values marked INVALID (the per-BPM PVs follow through their links) and the
 current and lifetime read 0 with a MAJOR alarm. Without a model (the physics worker has gone, a new
 one is starting), every reading of the beam or the model is marked INVALID (COMM) until the model
@@ -42,6 +43,7 @@ class Publisher:
                        "table_columns": list(TABLE_COLUMNS)}
         self._arrays = {r.signal: r.pv for r in rows if r.signal in ARRAYS.values()}
         self.records: dict[str, list] = {}  # signal -> the records that show it
+        self._point: dict[int, str] = {}  # id of a record of a reading by point -> its source point
         self._table: str | None = None
         self._readings: list = []  # (signal, its records) in the order a tick sets them (``finish``)
         self.updates = 0  # publications of a beam state
@@ -62,6 +64,8 @@ class Publisher:
         else:
             record = getattr(self._build, row.record)(row)
         self.records.setdefault(row.signal, []).append(record)
+        if SIGNALS[row.signal].by_point:
+            self._point[id(record)] = row.device
         return record
 
     def finish(self) -> None:
@@ -93,9 +97,17 @@ class Publisher:
                 for record in records_:
                     record.set(0.0, severity=alarms.MAJOR_ALARM, alarm=alarms.STATE_ALARM)
             else:
-                value = signal.read(publication)
-                for record in records_:
-                    record.set(value)
+                self._show(signal, records_, signal.read(publication))
+
+    def _show(self, signal, records_: list, value: object) -> None:
+        """Set each record to *value* (its point's, for a reading by point); one that is not known
+        (None) keeps its value, marked INVALID (UDF)."""
+        for record in records_:
+            shown = value.get(self._point[id(record)]) if signal.by_point and value is not None else value
+            if shown is None:
+                record.set_alarm(alarms.INVALID_ALARM, alarms.UDF_ALARM)
+            else:
+                record.set(shown)
 
     def without_model(self, publication: Publication) -> None:
         """A tick without a model: its readings INVALID (once), the twin's own ones as they are."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
 import sys
@@ -181,35 +182,54 @@ def serve(args: argparse.Namespace) -> int:
         list_pvs(config, tables)
         return 0
     network_defaults(config.bind, explicit=args.bind is not None)
-    supervisor, magnet_errors = start_physics(config)
+    workers = start_physics(config, tables)
     others = OtherServers(config)
     try:
-        twin, state_dir = build_twin(config, tables, args, supervisor, magnet_errors)
+        twin, state_dir = build_twin(config, tables, args, *workers)
         twin.start()  # waits for the physics worker
     except WorkerFailure as err:
-        supervisor.close()
+        close_workers(*workers)
         raise SystemExit(f"twinioc: physics: {err}") from None
     except BaseException:
-        supervisor.close()
+        close_workers(*workers)
         raise
     refusal = others.refusal(args.ignore_other_servers)
     if refusal:
-        supervisor.close()
+        close_workers(*workers)
         raise SystemExit(f"twinioc: {refusal}")
     return run_ioc(twin, config, state_dir, args.optics)
 
 
-def start_physics(config: Config):
-    """The physics worker, loading in its own process from now on (before softioc is imported)."""
+def start_physics(config: Config, tables: MachineTables):
+    """The physics worker and the equilibrium's, loading in their own processes from now on (before
+    softioc is imported)."""
+    from .equilibrium import EquilibriumSetup, EquilibriumWorker
     from .physics import MagnetErrors, Supervisor
+    from .signals import SIGNALS
+
+    def report(text: str) -> None:
+        log.warning("%s", text)
 
     magnet_errors = MagnetErrors(config.realism.magnet_error_settings)
     supervisor = Supervisor(magnet_errors.setup(config.tables, config.realism.aperture), config.step_timeout_s,
-                            config.max_restarts, lambda text: log.warning("%s", text))
-    return supervisor, magnet_errors
+                            config.max_restarts, report)
+    points = tuple(dict.fromkeys(row.device for row in tables.pvs(config.prefix)
+                                 if row.signal in SIGNALS and SIGNALS[row.signal].by_point))
+    equilibria = None
+    if config.equilibrium is not None:
+        equilibria = EquilibriumWorker(EquilibriumSetup(config.tables, points, config.equilibrium),
+                                       config.equilibrium_timeout_s, report, config.equilibrium_interval_s)
+    return supervisor, magnet_errors, equilibria
 
 
-def build_twin(config: Config, tables: MachineTables, args: argparse.Namespace, supervisor, magnet_errors):
+def close_workers(supervisor, magnet_errors, equilibria) -> None:
+    supervisor.close()
+    if equilibria is not None:
+        equilibria.close()
+
+
+def build_twin(config: Config, tables: MachineTables, args: argparse.Namespace, supervisor, magnet_errors,
+               equilibria):
     """The twin's records, a scenario's faults, and the setpoints as they were."""
     from softioc import autosave
 
@@ -220,7 +240,7 @@ def build_twin(config: Config, tables: MachineTables, args: argparse.Namespace, 
     state_dir.mkdir(parents=True, exist_ok=True)
     autosave.configure(directory=state_dir, name=config.name, save_period=config.autosave_period_s)
     try:
-        twin = Twin(config, tables, state_dir, supervisor, magnet_errors)
+        twin = Twin(config, tables, state_dir, supervisor, magnet_errors, equilibria=equilibria)
     except TableError as err:
         raise SystemExit(f"twinioc: {err}") from None
     served = twin.build()
@@ -245,9 +265,10 @@ def run_ioc(twin, config: Config, state_dir: Path, optics: str | None) -> int:
     ticker.start()
     r = config.realism
     log.info("seed %d; BPM noise %.3g um, offsets %.3g um; magnet offsets %.3g/%.3g um (quad/sext), %d set by "
-             "name; converter ramps %s; lifetime %s h, top-up %s", r.seed, r.bpm_noise * 1e6, r.bpm_offset * 1e6,
+             "name; converter ramps %s; lifetime %s, top-up %s", r.seed, r.bpm_noise * 1e6, r.bpm_offset * 1e6,
              r.quadrupole_offset * 1e6, r.sextupole_offset * 1e6, len(r.magnet_offsets), "on" if r.ramp else "off",
-             config.lifetime_h, "on" if config.topup else "off")
+             "from physics" if math.isnan(config.lifetime_h) else f"{config.lifetime_h:g} h",
+             "on" if config.topup else "off")
     log.info("%s twin serving %d PVs on %s (CA port %s, PVA port %s); autosave in %s; ready after %.2f s",
              config.machine, len(twin.rows), config.bind, os.environ.get("EPICS_CA_SERVER_PORT", "5064"),
              os.environ.get("EPICS_PVAS_SERVER_PORT", os.environ.get("EPICS_PVA_SERVER_PORT", "5075")),
@@ -259,7 +280,7 @@ def run_ioc(twin, config: Config, state_dir: Path, optics: str | None) -> int:
         pass
     twin.stop()
     ticker.join(timeout=5)
-    twin.supervisor.close()
+    close_workers(twin.supervisor, twin.magnet_errors, twin.equilibria)
     status = 0
     if twin.fatal:
         log.error("stopping the twin: %s", twin.fatal)

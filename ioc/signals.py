@@ -21,23 +21,25 @@ report             the desk that owns it: what the commands did, the lists they 
 optics_mode        the setpoint desk: every converter of an optics mode, as one batch
 =================  =========================================================================
 
+A reading *by point* (the beam sizes) shows the value at the lattice element its row names as device.
 The twin refuses to start on a row whose signal is not here, or whose record kind the signal does not
-take (``check``). The twin-only rows, the same on every machine, are listed here too (``twin_rows``):
-the derive tools write them into each machine's table.
+take, or whose device the machine lacks (``check``). The twin-only rows, the same on every machine,
+are listed here too (``twin_rows``): the derive tools write them into each machine's table.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
-from twinioc.model.state import BeamState
+from twinioc.model.state import BeamState, Equilibrium
 from twinioc.model.tables import PV_COLUMNS, MachineTables, PvRow, TableError
 
 READING_RECORDS = ("ai", "longin", "stringin", "longstring", "bi", "waveform")
+SHORT_WINDOW_S, LONG_WINDOW_S = 10.0, 100.0  # the current monitor's lifetime windows
 
 
 @dataclass
@@ -55,6 +57,12 @@ class Publication:
     restarts: int  # of the physics worker
     physics_status: str
     updates: int = 0  # publications of a beam state, this one included: the publisher counts them
+    equilibrium: Equilibrium | None = None  # the newest (None before the first)
+    equilibrium_status: str = ""
+    lifetime_source: str = ""  # where ``lifetime_h`` comes from
+    touschek_h: float = math.nan  # at the current of the moment
+    gas_h: float = math.nan
+    measured_lifetime_h: dict = field(default_factory=dict)  # window (s) -> the current monitor's fit
 
 
 @dataclass(frozen=True)
@@ -62,8 +70,9 @@ class Signal:
     name: str
     role: str
     doc: str  # what it shows, or what a put on it does
-    read: Callable[[Publication], object] | None = None  # readings
+    read: Callable[[Publication], object] | None = None  # readings; None: not known (INVALID)
     needs: str = ""  # readings: "beam" (INVALID without one), "stored" (0 without one), "model", "" (always valid)
+    by_point: bool = False  # readings: ``read`` gives {source point: value}; a row's device names its point
 
     @property
     def records(self) -> tuple[str, ...]:
@@ -92,6 +101,24 @@ def _reading(name: str, doc: str, read: Callable[[Publication], object], needs: 
     return Signal(name, "reading", doc, read, needs)
 
 
+def _equilibrium(name: str, doc: str, read: Callable[[Equilibrium], object], needs: str = "model",
+                 by_point: bool = False) -> Signal:
+    """A reading of the equilibrium: not known (None) before the first or when it failed."""
+    def of_equilibrium(p: Publication) -> object:
+        e = p.equilibrium
+        return None if e is None or e.reason else read(e)
+
+    return Signal(name, "reading", doc, of_equilibrium, needs, by_point)
+
+
+def _known(value: float) -> float | None:
+    return value if math.isfinite(value) or value == math.inf else None
+
+
+def _sizes(e: Equilibrium, plane: int) -> dict[str, float]:
+    return {point: sizes[plane] * 1e6 for point, sizes in e.beam_sizes.items()}
+
+
 READINGS = [
     _reading("tune_h_khz", "frac(Qx) · f_rev, kHz", lambda p: _khz(p.reading.tune[0], p.reading)),
     _reading("tune_v_khz", "frac(Qy) · f_rev, kHz", lambda p: _khz(p.reading.tune[1], p.reading)),
@@ -110,7 +137,38 @@ READINGS = [
     _reading("orbit_x", "horizontal orbit as the BPMs read it, mm", lambda p: p.reading.x * 1e3),
     _reading("orbit_y", "vertical orbit as the BPMs read it, mm", lambda p: p.reading.y * 1e3),
     _reading("beam_current", "stored beam current, mA (0 without beam)", lambda p: p.current, "stored"),
-    _reading("lifetime_h", "beam lifetime, h (0 without beam)", lambda p: p.lifetime_h, "stored"),
+    _reading("lifetime_h", "the lifetime the current decays with now, h (0 without beam)",
+             lambda p: p.lifetime_h, "stored"),
+    _reading("measured_lifetime_10s", "lifetime fitted to the current monitor's readings of the last 10 s, h",
+             lambda p: _known(p.measured_lifetime_h.get(SHORT_WINDOW_S, math.nan)), "stored"),
+    _reading("measured_lifetime_100s", "lifetime fitted to the current monitor's readings of the last 100 s, h",
+             lambda p: _known(p.measured_lifetime_h.get(LONG_WINDOW_S, math.nan)), "stored"),
+    _reading("current_lifetime_product", "current × 100 s lifetime, mA h",
+             lambda p: _known(p.current * p.measured_lifetime_h.get(LONG_WINDOW_S, math.nan)), "stored"),
+    _reading("lifetime_source", "where the lifetime comes from: physics or an override",
+             lambda p: p.lifetime_source[:255], ""),
+    _reading("lifetime_touschek_h", "Touschek lifetime at the current of the moment, h",
+             lambda p: _known(p.touschek_h), "model"),
+    _reading("lifetime_gas_h", "gas-scattering lifetime, h", lambda p: p.gas_h, "model"),
+    _equilibrium("emittance_x_nm", "horizontal emittance (mode I), nm rad", lambda e: e.emittance[0] * 1e9),
+    _equilibrium("emittance_y_nm", "vertical emittance (mode II, with the floor), nm rad",
+                 lambda e: e.emittance[1] * 1e9),
+    _equilibrium("energy_spread", "relative rms energy spread", lambda e: e.energy_spread),
+    _equilibrium("bunch_length_mm", "rms bunch length, mm", lambda e: e.bunch_length * 1e3),
+    _equilibrium("damping_x_ms", "damping time of mode I, ms", lambda e: e.damping_times[0] * 1e3),
+    _equilibrium("damping_y_ms", "damping time of mode II, ms", lambda e: e.damping_times[1] * 1e3),
+    _equilibrium("damping_s_ms", "longitudinal damping time, ms", lambda e: e.damping_times[2] * 1e3),
+    _equilibrium("energy_loss_kev", "energy radiated per turn, keV", lambda e: e.energy_loss / 1e3),
+    _equilibrium("bucket_height", "half height of the RF bucket, relative", lambda e: e.bucket_height),
+    _equilibrium("momentum_acceptance", "momentum acceptance of the Touschek lifetime: RF bucket or lattice",
+                 lambda e: e.momentum_acceptance),
+    _equilibrium("equilibrium_ms", "duration of the last equilibrium computation, ms",
+                 lambda e: e.compute_seconds * 1e3),
+    _equilibrium("equilibrium_version", "lattice version of the published equilibrium", lambda e: e.version),
+    _equilibrium("beam_size_x_um", "rms horizontal beam size at a source point, µm", lambda e: _sizes(e, 0),
+                 "beam", by_point=True),
+    _equilibrium("beam_size_y_um", "rms vertical beam size at a source point, µm", lambda e: _sizes(e, 1),
+                 "beam", by_point=True),
     _reading("version", "lattice version of the published state", lambda p: p.state.version, "model"),
     _reading("computed_at", "UTC time of the last computation", lambda p: _utc(p.state.computed_at), "model"),
     _reading("compute_ms", "duration of the last computation, ms", lambda p: p.state.compute_seconds * 1e3, "model"),
@@ -123,6 +181,7 @@ READINGS = [
     _reading("journal_seq", "number of the last journal entry", lambda p: p.journal_seq, ""),
     _reading("physics_restarts", "restarts of the physics worker since start", lambda p: p.restarts, ""),
     _reading("physics_status", "what the physics worker is doing", lambda p: p.physics_status[:255], ""),
+    _reading("equilibrium_status", "what the equilibrium worker is doing", lambda p: p.equilibrium_status[:255], ""),
 ]
 
 
@@ -141,7 +200,11 @@ def _noise(run, value: float) -> None:
 
 
 def _lifetime(run, value: float) -> None:
-    run.beam.lifetime_h = value if value > 0 else math.inf
+    run.lifetime.override_h = value if value > 0 else math.nan
+
+
+def _lifetime_shown(run) -> float:
+    return 0.0 if math.isnan(run.lifetime.override_h) else run.lifetime.override_h
 
 
 def _band(run, low: float | None = None, high: float | None = None) -> None:
@@ -160,9 +223,8 @@ def _topup(run, value: float) -> None:
 CONTROLS = {
     "bpm_noise_um": Control("ao", "σ of every BPM reading, µm", lambda run: float(np.mean(run.bpm_errors.noise)) * 1e6,
                             _noise),
-    "lifetime_setting_h": Control("ao", "beam lifetime, h; 0: no decay",
-                                  lambda run: run.beam.lifetime_h if math.isfinite(run.beam.lifetime_h) else 0.0,
-                                  _lifetime),
+    "lifetime_setting_h": Control("ao", "beam lifetime override, h; 0: from physics (Touschek and gas)",
+                                  _lifetime_shown, _lifetime),
     "inject": Control("bo", "1: inject, filling to nominal or to the top of the top-up band", lambda run: 0, _inject),
     "topup": Control("bo", "top-up on or off", lambda run: int(run.beam.topup), _topup),
     "topup_low_mA": Control("ao", "top-up injects below this current", lambda run: run.beam.band[0],
@@ -205,7 +267,7 @@ SIGNALS: dict[str, Signal] = {s.name: s for s in READINGS + OTHERS} | {
 def check(rows: list[PvRow], tables: MachineTables) -> None:
     """Refuse a table the twin cannot serve as it stands: an unknown signal, a record kind the signal
     does not take, a device the machine does not have. The message names the row."""
-    devices = {"converter": set(tables.converters), "BPM": set(tables.bpm_names)}
+    devices = {"converter": set(tables.converters), "BPM": set(tables.bpm_names), "lattice element": None}
     for row in rows:
         signal = SIGNALS.get(row.signal)
         if signal is None:
@@ -213,7 +275,9 @@ def check(rows: list[PvRow], tables: MachineTables) -> None:
         if row.record not in signal.records:
             raise TableError(f"{row.where}: signal {row.signal!r} takes a record of kind "
                              f"{' or '.join(signal.records)}, not {row.record!r}")
-        kind = DEVICE_ROLES.get(signal.role)
+        kind = "lattice element" if signal.by_point else DEVICE_ROLES.get(signal.role)
+        if kind == "lattice element" and devices[kind] is None:
+            devices[kind] = set(tables.element_names())
         if kind and row.device not in devices[kind]:
             raise TableError(f"{row.where}: {row.device!r} is not a {kind} of this machine")
 
@@ -252,6 +316,24 @@ TWIN_PVS = [
     ("SEED", "longin", "seed", "", "", "seed of every random number of this run"),
     ("PHYSICS:RESTARTS", "longin", "physics_restarts", "", "", "restarts of the physics worker"),
     ("PHYSICS:STATUS", "longstring", "physics_status", "", "", "what the physics worker is doing"),
+    ("EMITTANCE:X", "ai", "emittance_x_nm", "nm rad", 4, "horizontal emittance (mode I)"),
+    ("EMITTANCE:Y", "ai", "emittance_y_nm", "nm rad", 5, "vertical emittance (mode II, with the floor)"),
+    ("ENERGY:SPREAD", "ai", "energy_spread", "", 7, "relative rms energy spread"),
+    ("BUNCH:LENGTH", "ai", "bunch_length_mm", "mm", 4, "rms bunch length"),
+    ("DAMPING:X", "ai", "damping_x_ms", "ms", 3, "damping time of mode I"),
+    ("DAMPING:Y", "ai", "damping_y_ms", "ms", 3, "damping time of mode II"),
+    ("DAMPING:S", "ai", "damping_s_ms", "ms", 3, "longitudinal damping time"),
+    ("ENERGY:LOSS", "ai", "energy_loss_kev", "keV", 3, "energy radiated per turn"),
+    ("RF:BUCKET:HEIGHT", "ai", "bucket_height", "", 5, "half height of the RF bucket"),
+    ("MOMENTUM:ACCEPTANCE", "ai", "momentum_acceptance", "", 5, "momentum acceptance (RF bucket or lattice)"),
+    ("EMITTANCE:COMPUTE:TIME", "ai", "equilibrium_ms", "ms", 1, "duration of the last equilibrium computation"),
+    ("EMITTANCE:VERSION", "longin", "equilibrium_version", "", "", "lattice version of the equilibrium"),
+    ("EQUILIBRIUM:STATUS", "longstring", "equilibrium_status", "", "", "what the equilibrium worker is doing"),
+    ("LIFETIME", "ai", "lifetime_h", "h", 3, "the lifetime the current decays with now"),
+    ("LIFETIME:SOURCE", "longstring", "lifetime_source", "", "", "where the lifetime comes from"),
+    ("LIFETIME:TOUSCHEK", "ai", "lifetime_touschek_h", "h", 3, "Touschek lifetime at the current of the moment"),
+    ("LIFETIME:GAS", "ai", "lifetime_gas_h", "h", 3, "gas-scattering lifetime"),
+    ("LIFETIME:MEASURED", "ai", "measured_lifetime_100s", "h", 3, "lifetime fitted to 100 s of current readings"),
 ]
 # The twin's commands (long strings a client puts) and what they report: suffix, record, signal,
 # length of the string, description
@@ -269,7 +351,7 @@ TWIN_COMMANDS = [
 # Run-time controls: suffix, record, signal, unit, low, high, description (bo: the state names)
 TWIN_CONTROLS = [
     ("BPM:NOISE", "ao", "bpm_noise_um", "um", 0, 1000, "sigma of every BPM reading"),
-    ("BEAM:LIFETIME", "ao", "lifetime_setting_h", "h", 0, 1000, "beam lifetime; 0: no decay"),
+    ("BEAM:LIFETIME", "ao", "lifetime_setting_h", "h", 0, 1000, "lifetime override; 0: from physics"),
     ("BEAM:INJECT", "bo", "inject", "", "", "", "IDLE/INJECT"),
     ("TOPUP:ENABLE", "bo", "topup", "", "", "", "OFF/ON"),
     ("TOPUP:LOW", "ao", "topup_low_mA", "mA", 0, 1000, "top-up injects below this current"),

@@ -49,7 +49,7 @@ class Snapshot:
     bpm_errors: dict[str, list]  # offset (2, n), gain (2, n), roll (n), noise (n)
     magnet_errors: MagnetErrorSettings
     faults: list[dict]  # the faults in force, as tables
-    beam: dict[str, object]  # current_mA, injecting
+    beam: dict[str, object]  # current_mA, injecting; saved also: physics (the equilibrium's settings)
 
     def to_json(self) -> str:
         return json.dumps({"machine": self.machine, "saved_at": self.saved_at, "setpoints": self.setpoints,
@@ -101,6 +101,7 @@ class TwinParts:
     publisher: Publisher
     beam: StoredBeam
     magnet_errors: MagnetErrors
+    beam_physics: dict  # what the equilibrium and the lifetime are computed with (startup settings)
 
 
 class SnapshotDesk:
@@ -183,7 +184,8 @@ class SnapshotDesk:
             return Snapshot(self.machine, now_iso(), {d: r.get() for d, r in p.setpoints.setpoints.items()},
                             controls, [r.get() for r in p.setpoints.optics_records],
                             {key: getattr(errors, key).tolist() for key in BPM_ERRORS}, p.magnet_errors.settings,
-                            p.faults.tables(), {"current_mA": p.beam.current, "injecting": p.beam.injecting})
+                            p.faults.tables(), {"current_mA": p.beam.current, "injecting": p.beam.injecting,
+                                                "physics": p.beam_physics})
 
     def restore(self, name: str, pv: str) -> None:
         """Put the twin back in the state saved as *name*; journaled as one entry with its setpoints."""

@@ -147,13 +147,26 @@ class TwinProcess:
         self.stop()
         raise TimeoutError(f"twin not ready after {self.timeout} s:\n{self.log()}")
 
+    @property
+    def started_at(self) -> float:
+        """When the twin's process was launched (``time.monotonic()``)."""
+        return self._started
+
     def worker_pid(self) -> int:
-        """The pid of the twin's physics worker: its child process started by multiprocessing (from
-        any of its threads; after a restart, the new one)."""
+        """The pid of the twin's physics worker (after a restart, the new one's)."""
+        (worker,) = [pid for pid in self._workers() if _priority(pid) == _priority(self.process.pid)]
+        return worker
+
+    def equilibrium_pid(self) -> int:
+        """The pid of the twin's equilibrium worker, which runs at a lower priority (SCHED_IDLE)."""
+        (worker,) = [pid for pid in self._workers() if _priority(pid) != _priority(self.process.pid)]
+        return worker
+
+    def _workers(self) -> list[int]:
+        """The twin's child processes started by multiprocessing (from any of its threads)."""
         root = Path(f"/proc/{self.process.pid}/task")
         children = [int(pid) for task in root.iterdir() for pid in (task / "children").read_text().split()]
-        (worker,) = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-        return worker
+        return [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
@@ -193,3 +206,8 @@ def client_env(*twins: TwinProcess) -> dict[str, str]:
 def pva_conf(*twins: TwinProcess) -> dict[str, str]:
     """Settings for ``p4p.client.thread.Context('pva', conf=..., useenv=False)`` that reach *twins*."""
     return {k: v for k, v in client_env(*twins).items() if k.startswith("EPICS_PVA")}
+
+
+def _priority(pid: int) -> tuple[int, int]:
+    """The scheduling policy and the nice value (field 19 of /proc/PID/stat) of process *pid*."""
+    return os.sched_getscheduler(pid), int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])

@@ -26,13 +26,15 @@ from datetime import UTC, datetime
 from importlib import import_module
 from pathlib import Path
 
+from twinioc.model.lifetime import BeamLifetime, CurrentMonitor
 from twinioc.model.realism import StoredBeam
-from twinioc.model.state import BeamState, Change
+from twinioc.model.state import BeamState, Change, Equilibrium
 from twinioc.model.tables import MachineTables, PvRow
 
 from . import signals
 from .config import Config
 from .controls import ControlPanel, RunTime
+from .equilibrium import EquilibriumWorker, Lattice
 from .fault_desk import FaultDesk
 from .journal import Journal
 from .physics import MagnetErrors, Step, Supervisor
@@ -53,8 +55,9 @@ class Twin:
     and the order of a tick; builds the records of the PV table through the parts that serve them."""
 
     def __init__(self, config: Config, tables: MachineTables, state_dir: Path, supervisor: Supervisor,
-                 magnet_errors: MagnetErrors, build=None):
-        """*build*: the record builders, ``records`` (softioc's) unless stand-ins are given."""
+                 magnet_errors: MagnetErrors, build=None, equilibria: EquilibriumWorker | None = None):
+        """*build*: the record builders, ``records`` (softioc's) unless stand-ins are given;
+        *equilibria*: the equilibrium's worker (none: no equilibrium, the lifetime from gas alone)."""
         self.config, self.tables = config, tables
         records = self._build = build or import_module("twinioc.ioc.records")
         self.rows = tables.pvs(config.prefix)
@@ -73,9 +76,16 @@ class Twin:
         self.setpoints = SetpointDesk(tables.optics, self.lock, self._wake, self.put_log, self.faults.setpoint_fault,
                                       records)
         self.setpoints.on_power = lambda device: self.faults.show()
-        self.run_time = RunTime(self.beam, self.publisher.bpm_errors, realism)
+        self.lifetime = BeamLifetime(config.lifetime_h, config.gas_lifetime_h)
+        self.current_monitor = CurrentMonitor((signals.SHORT_WINDOW_S, signals.LONG_WINDOW_S),
+                                              config.current_noise_mA, self.publisher.random["current_noise"])
+        self.equilibria, self.equilibrium = equilibria, None
+        self.run_time = RunTime(self.beam, self.publisher.bpm_errors, realism, self.lifetime)
         self.controls = ControlPanel(self.run_time, self.lock, self._wake, self.put_log, records)
-        parts = TwinParts(self.setpoints, self.controls, self.faults, self.publisher, self.beam, self.magnet_errors)
+        self.beam_physics = {"equilibrium": config.equilibrium.as_dict() if config.equilibrium else None,
+                             "gas_lifetime_h": config.gas_lifetime_h, "current_noise_mA": config.current_noise_mA}
+        parts = TwinParts(self.setpoints, self.controls, self.faults, self.publisher, self.beam, self.magnet_errors,
+                          self.beam_physics)
         self.snapshots = SnapshotDesk(state_dir / "snapshots", config.machine, parts, self.lock, self.put_log,
                                       self.result, records)
         self._results: list = []  # the command_result records
@@ -134,7 +144,8 @@ class Twin:
         self.faults.show()
         self.snapshots.show()
         self.versions.append({"event": "start", "machine": self.config.machine,
-                              "seed": self.magnet_errors.settings.seed, "version": self.supervisor.version})
+                              "seed": self.magnet_errors.settings.seed, "version": self.supervisor.version,
+                              "beam_physics": self.beam_physics})
 
     # -- the tick -------------------------------------------------------------------------------
 
@@ -179,13 +190,26 @@ class Twin:
             self.setpoints.refuse(device, reason)
         self.faults.strike(now)
         step = self._step(moved, errors) if available else None
+        self._follow_equilibrium(step, errors)
         if step is None:
             self.publisher.publish_readbacks(self._outputs(), changed=bool(moved))
             self.publisher.without_model(self._publication(self.state, alive=False))
             return
         with self.lock:
+            self.beam.lifetime_h, _ = self.lifetime.now(self.equilibrium, self.beam.current)
             self.beam.advance(dt, holdable=step.state.stable)
         self._publish(step)
+
+    def _follow_equilibrium(self, step: Step | None, errors) -> None:
+        """Hand a new lattice to the equilibrium's worker; take its newest answer if one came."""
+        if self.equilibria is None:
+            return
+        if step is not None and (step.applied or errors is not None):
+            self.equilibria.request(Lattice(step.state.version, self._outputs(), self.magnet_errors.settings))
+        fresh = self.equilibria.poll()
+        if fresh is not None:
+            self.equilibrium = fresh
+            self.versions.append({"version": fresh.version, "equilibrium": _summary(fresh)})
 
     def _step(self, moved: dict[str, float], errors) -> Step | None:
         """The model's step for the outputs that *moved* (the last state if nothing changed); None
@@ -230,9 +254,29 @@ class Twin:
             reason = "" if alive else NO_BEAM.replace("$(P)", self.config.prefix)
         else:
             reason = state.reason
-        return Publication(state, reading, self.beam.current, self.beam.lifetime_h, alive, reason,
-                           self.put_log.seq, self.supervisor.restarts, self.supervisor.status)
+        current = self.current_monitor.read(time.monotonic(), self.beam.current)
+        lifetime, source = self.lifetime.now(self.equilibrium, self.beam.current)
+        return Publication(state, reading, current, lifetime, alive, reason, self.put_log.seq,
+                           self.supervisor.restarts, self.supervisor.status, equilibrium=self.equilibrium,
+                           equilibrium_status=self.equilibria.status if self.equilibria else "none",
+                           lifetime_source=source.replace("$(P)", self.config.prefix),
+                           touschek_h=self.lifetime.touschek_h(self.equilibrium, self.beam.current),
+                           gas_h=self.lifetime.gas_h,
+                           measured_lifetime_h=self.current_monitor.lifetimes_h(time.monotonic()))
 
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()  # the journals stay open: puts may come until the IOC exits, and each is flushed
+
+
+def _summary(equilibrium: Equilibrium) -> dict:
+    """An equilibrium as the lattice journal keeps it: what it is, in the units of its PVs."""
+    e = equilibrium
+    if e.reason:
+        return {"reason": e.reason}
+    return {"emittance_nm": [round(v * 1e9, 6) for v in e.emittance], "energy_spread": e.energy_spread,
+            "bunch_length_mm": e.bunch_length * 1e3, "damping_ms": [t * 1e3 for t in e.damping_times],
+            "energy_loss_keV": e.energy_loss / 1e3, "momentum_acceptance": e.momentum_acceptance,
+            "touschek_h": e.touschek_lifetime / 3600, "bunch_current_mA": e.bunch_current * 1e3,
+            "beam_sizes_um": {p: [v * 1e6 for v in sizes] for p, sizes in e.beam_sizes.items()},
+            "compute_ms": e.compute_seconds * 1e3}

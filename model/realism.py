@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .tables import MachineTables
 
 # One stream per purpose, in this order: adding a purpose at the end keeps the others' numbers.
-STREAMS = ("magnet_errors", "bpm_errors", "bpm_noise", "converter_noise")
+STREAMS = ("magnet_errors", "bpm_errors", "bpm_noise", "converter_noise", "current_noise")
 
 
 def streams(seed: int) -> dict[str, np.random.Generator]:

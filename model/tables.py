@@ -10,6 +10,7 @@ nowhere else, without pyAT.
 from __future__ import annotations
 
 import csv
+import json
 import numbers
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -139,6 +140,14 @@ class MachineTables:
         """Every row of ``pvs.csv``, with ``$(P)`` replaced by *prefix*."""
         return [PvRow(**(row | {"pv": row["pv"].replace(PREFIX_MACRO, prefix)}), line=line)
                 for line, row in enumerate(self._pv_rows, start=2)]
+
+    def element_names(self) -> list[str]:
+        """The names of the lattice's elements, in order (read from ``lattice.json`` without pyAT)."""
+        try:
+            elements = json.loads((self.folder / "lattice.json").read_text())["elements"]
+            return [element["FamName"] for element in elements]
+        except (OSError, KeyError, ValueError) as err:
+            raise TableError(f"{self.folder / 'lattice.json'}: {type(err).__name__}: {err}") from None
 
     def magnets_of_kind(self, kind: str) -> list[str]:
         """The magnets on converters of *kind*, converter by converter in table order."""

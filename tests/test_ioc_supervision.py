@@ -131,10 +131,21 @@ def machine_copy(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_a_worker_that_cannot_start_ends_the_twin_with_the_reason(tmp_path):
     tables, config = machine_copy(tmp_path)
+    text = (tables / "magnets.csv").read_text()  # a property only the model reads: the IOC takes the table
+    row = "Q1M1K1RP,Q1M1K1RP,Q1P1K1RP,"
+    (tables / "magnets.csv").write_text(text.replace(row + "K1,", row + "K9,"))
+    done = start(tmp_path, "--config", str(config))
+    assert done.returncode != 0
+    assert ("twinioc: physics: the worker could not start: ValueError: magnets.csv: Q1M1K1RP: unknown property K9"
+            in done.stderr), done.stderr
+
+
+def test_an_unreadable_lattice_is_refused_at_start_naming_the_file(tmp_path):
+    tables, config = machine_copy(tmp_path)
     (tables / "lattice.json").write_text('{"name": "MLS", "elements": [')
     done = start(tmp_path, "--config", str(config))
     assert done.returncode != 0
-    assert "twinioc: physics: the worker could not start: JSONDecodeError" in done.stderr, done.stderr
+    assert f"twinioc: {tables / 'lattice.json'}: JSONDecodeError" in done.stderr, done.stderr
 
 
 def test_a_table_row_with_an_unknown_signal_is_refused_at_start_naming_the_row(tmp_path):
@@ -180,3 +191,39 @@ def test_restarts_that_keep_failing_end_the_twin_with_a_non_zero_status(tmp_path
         twin.stop()
     assert ("stopping the twin: physics: 3 new workers in a row did not come up; the last: the worker could not "
             "start: JSONDecodeError") in twin.log(), twin.log()
+
+
+EQUILIBRIUM = ["TWIN:LATTICE:VERSION", "TWIN:EMITTANCE:VERSION", "TWIN:EQUILIBRIUM:STATUS", "TWIN:EMITTANCE:X"]
+
+
+def test_a_killed_equilibrium_worker_is_replaced_and_computes_the_newest_lattice(tmp_path):
+    from twinioc.ioc.testing import TwinProcess
+
+    with TwinProcess("mls", "--ideal", state_dir=tmp_path / "state") as twin:
+        first = wait_for(lambda: ca_gets(twin.client_env, EQUILIBRIUM), lambda v: v["TWIN:EMITTANCE:VERSION"] > 0)
+        old = twin.equilibrium_pid()
+        os.kill(old, signal.SIGKILL)
+        quadrupole = ca_gets(twin.client_env, ["Q1P1K1RP:setCur"])["Q1P1K1RP:setCur"]
+        ca_puts(twin.client_env, [("Q1P1K1RP:setCur", 1.02 * quadrupole)])
+
+        def caught_up(v: dict) -> bool:  # the equilibrium of the lattice after the put
+            return v["TWIN:EMITTANCE:VERSION"] == v["TWIN:LATTICE:VERSION"] > first["TWIN:LATTICE:VERSION"]
+
+        now = wait_for(lambda: ca_gets(twin.client_env, EQUILIBRIUM), caught_up, timeout=30)
+        assert caught_up(now)
+        status = now["TWIN:EQUILIBRIUM:STATUS"]
+        assert status.startswith("running (pid ") and str(old) not in status
+        assert now["TWIN:EMITTANCE:X"] != first["TWIN:EMITTANCE:X"]  # the stronger quadrupole's optics
+    assert f"equilibrium: the process ended (exit status -9) (pid {old}); starting another process" in twin.log()
+
+
+def test_without_the_equilibrium_its_readings_are_invalid_and_the_gas_lifetime_alone_counts(tmp_path):
+    from twinioc.ioc.testing import TwinProcess
+
+    with TwinProcess("mls", "--set=equilibrium.enabled=false", state_dir=tmp_path / "state") as twin:
+        values = ca_gets(twin.client_env, ["TWIN:EMITTANCE:X.SEVR", "QPD01ZL2RP:rdSigmaX.SEVR", "TWIN:LIFETIME",
+                                           "TWIN:LIFETIME:SOURCE", "TWIN:EQUILIBRIUM:STATUS"])
+    assert values["TWIN:EMITTANCE:X.SEVR"] == 3 and values["QPD01ZL2RP:rdSigmaX.SEVR"] == 3  # INVALID
+    assert values["TWIN:LIFETIME"] == pytest.approx(20.0)  # the MLS's gas lifetime
+    assert values["TWIN:LIFETIME:SOURCE"].startswith("gas scattering 20 h alone")
+    assert values["TWIN:EQUILIBRIUM:STATUS"] == "none"

@@ -212,7 +212,23 @@ def pv_rows(converters: list[dict], bpms: list[dict]) -> list[dict]:
     ]
     rows.append(pv_row("$(P)ORBIT:COLUMNS", "names", signal="table_columns", nelm=3,
                        description="column names of ORBITCC:rdBpm", source="twin only"))
+    rows += beam_size_rows()
     return rows + twin_rows(rows, n)
+
+
+# No public file at hand names a BESSY II beam-size monitor: the twin shows beam sizes under its own
+# prefix, at the centres of a high-beta and two low-beta straights and of one bend.
+BEAM_SIZE_POINTS = {"D1": ("MRING_START", "centre of the high-beta straight D1 (s = 0)"),
+                    "T1": ("W7IT1R", "centre of the low-beta straight T1, the W7 wiggler (s = 15 m)"),
+                    "T2": ("CPMU20_MID", "centre of the low-beta straight T2, the CPMU20 undulator (s = 45 m)"),
+                    "BM1T1R": ("BM1T1R", "centre of the bend BM1T1R, a dipole source (s = 9.39 m)")}
+
+
+def beam_size_rows() -> list[dict]:
+    return [pv_row(f"$(P)BEAMSIZE:{point}:{plane}", "ai", element, f"beam_size_{plane.lower()}_um", "um", 2,
+                   description=f"rms {'horizontal' if plane == 'X' else 'vertical'} beam size, {where}",
+                   source="twin only: no public BESSY II beam-size monitor name")
+            for point, (element, where) in BEAM_SIZE_POINTS.items() for plane in ("X", "Y")]
 
 
 def main() -> None:

@@ -327,14 +327,39 @@ def pv_rows(converters: list[dict], bpms: list[dict]) -> list[dict]:
                source=inventory),
         pv_row("CUM1ZK3RP:rdCur", "ai", signal="beam_current", unit="mA", prec=3, description="stored beam current",
                source=mml),
-        pv_row("CUM1ZK3RP:rdLt10", "ai", signal="lifetime_h", unit="h", prec=3, description="beam lifetime (10 s)",
-               source=inventory),
-        pv_row("CUM1ZK3RP:rdLt100", "ai", signal="lifetime_h", unit="h", prec=3,
-               description="beam lifetime (100 s)", source=inventory),
+        pv_row("CUM1ZK3RP:rdLt10", "ai", signal="measured_lifetime_10s", unit="h", prec=3,
+               description="lifetime fitted to the current's decay over 10 s",
+               source=f"{inventory}; window assumed 10 s from the name; noisy and negative at low current "
+                      "in the live snapshot (-0.28 at 0.046 mA)"),
+        pv_row("CUM1ZK3RP:rdLt100", "ai", signal="measured_lifetime_100s", unit="h", prec=3,
+               description="lifetime fitted to the current's decay over 100 s",
+               source=f"{inventory}; window assumed 100 s from the name"),
+        pv_row("OPCHECKCCP:calcCurrLife", "ai", signal="current_lifetime_product", unit="mA h", prec=4,
+               description="current x lifetime (100 s)",
+               source=f"{inventory}; the live snapshot's value 0.019960 is measCur 0.046451 mA x rdLt100 "
+                      "0.42971 h: the current-lifetime product"),
+        *beam_size_rows(),
         pv_row("ERMPCGP:rdRmp", "ai", signal="energy_mev", unit="MeV", prec=2, description="beam energy of the ramp",
                source=f"{inventory}; MeV as in the live snapshot (250)"),
     ]
     return rows + twin_rows(rows, len(bpms), MODES)
+
+
+# The MLS's two beam-size monitors, synchrotron-radiation profile monitors named for the straights
+# L2 and L4 (betagui's SSMB tools: "QPD01 SR camera/profile monitor in L2", "QPD00 ... in L4"; the
+# QPD00 width serves there as an energy-spread proxy, so its source is dispersive). No public file
+# gives their source points: the twin takes the centre of the bend just upstream of each straight,
+# whose light travels forward into that straight.
+BEAM_SIZE_MONITORS = {"QPD01ZL2RP": "BM1L2RP", "QPD00ZL4RP": "BM1L4RP"}
+
+
+def beam_size_rows() -> list[dict]:
+    source = ("cainfo inventory (DBF_DOUBLE, 1); µm as in the live snapshot (430 / 115 at 250 MeV); "
+              "source point assumed: the centre of {bend}, the bend before the straight the name gives")
+    return [pv_row(f"{monitor}:rdSigma{plane}", "ai", bend, f"beam_size_{plane.lower()}_um", "um", 2,
+                   description=f"rms {'horizontal' if plane == 'X' else 'vertical'} beam size at the source point",
+                   source=source.format(bend=bend))
+            for monitor, bend in BEAM_SIZE_MONITORS.items() for plane in ("X", "Y")]
 
 
 def main() -> None:
