@@ -37,7 +37,7 @@ class BeamLifetime:
             return self.override_h, f"override: {self.override_h:g} h ($(P)BEAM:LIFETIME or [beam] lifetime_h)"
         touschek = self.touschek_h(equilibrium, current_mA)
         if math.isnan(touschek):
-            return self.gas_h, f"gas scattering {self.gas_h:g} h alone (no equilibrium yet)"
+            return self.gas_h, f"gas scattering {self.gas_h:g} h alone (no equilibrium)"
         total = 1.0 / (1.0 / touschek + 1.0 / self.gas_h)
         return total, f"physics: Touschek {touschek:.3g} h, gas {self.gas_h:g} h"
 
