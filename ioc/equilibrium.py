@@ -26,6 +26,7 @@ from twinioc.model.tables import MachineTables
 from .physics import stop_process
 
 NICENESS = 10  # the equilibrium yields to the IOC and to the orbit worker
+AUTOGROUP_NICE = 19  # the weight of its own scheduling group: the lowest
 MAX_FAILED_STARTS = 3  # processes in a row that die before they are ready: the equilibrium is given up
 
 
@@ -51,7 +52,16 @@ class Lattice:
 def _yield_the_processor() -> None:
     """Run only on a processor nobody else wants (Linux's SCHED_IDLE), or else at a low priority:
     the IOC's threads and the orbit worker then never wait for the equilibrium. Every thread of
-    the process: numpy's BLAS threads were started before this runs, and Linux schedules threads."""
+    the process: numpy's BLAS threads were started before this runs, and Linux schedules threads.
+
+    SCHED_IDLE yields only within the process's scheduling group. With autogroups on (Linux
+    gives each session one), the IOC and this process would share the session's group: the
+    computation would spend the group's share of the processors, and the IOC would wait for other
+    sessions' processes. So the process takes a session, hence a group, of its own, of the lowest
+    weight. It still ends when the IOC goes: its pipe closes."""
+    with contextlib.suppress(OSError):
+        os.setsid()
+        Path("/proc/self/autogroup").write_text(f"{AUTOGROUP_NICE}\n")
     try:
         for thread in os.listdir("/proc/self/task"):
             os.sched_setscheduler(int(thread), os.SCHED_IDLE, os.sched_param(0))
@@ -96,7 +106,10 @@ def _serve(conn, setup: EquilibriumSetup) -> None:
         result = equilibrium.compute(engine.ring, engine.rf_frequency, points, setup.settings, lattice.version,
                                      guess)
         guess = result.closed_orbit or guess
-        conn.send(("equilibrium", result))
+        try:
+            conn.send(("equilibrium", result))
+        except OSError:  # the IOC has gone meanwhile
+            return
 
 
 class EquilibriumWorker:
@@ -178,7 +191,7 @@ class EquilibriumWorker:
     def _fail(self, reason: str) -> None:
         self.status = f"failed: {reason}"
         self._report(f"equilibrium: {reason}")
-        self.close(ask=False)
+        self.close()
         self._ready = False
 
     def _replace(self, reason: str) -> None:
@@ -190,7 +203,7 @@ class EquilibriumWorker:
             self._fail(f"{MAX_FAILED_STARTS} new processes in a row did not come up; the last: {reason}")
             return
         self._report(f"equilibrium: {reason} (pid {self.pid}); starting another process")
-        self.close(ask=False)
+        self.close()
         self.restarts += 1
         self.status = f"restarting: {reason}"
         if self._sent is not None and self._waiting is None:
@@ -198,5 +211,7 @@ class EquilibriumWorker:
         self._sent = None
         self._start()
 
-    def close(self, ask: bool = True) -> None:
+    def close(self, ask: bool = False) -> None:
+        """Stop the process; at once unless *ask*: it holds nothing that a kill would lose, and
+        asking would wait for the computation under way."""
         stop_process(self._process, self._conn, ask)
