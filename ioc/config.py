@@ -141,6 +141,7 @@ class Config:
             raise SettingsError(f"beam.topup_band_mA = {list(band)}: it takes [low, high]")
         if not data["rate_hz"] > 0 or not math.isfinite(data["rate_hz"]):
             raise SettingsError(f"rate_hz = {data['rate_hz']}: it must be a positive number")
+        _check_beam(data)
         return cls(
             name=name, machine=data["machine"], tables=tables if tables.is_absolute() else DB / tables,
             prefix=data["prefix"], rate_hz=data["rate_hz"],
@@ -165,12 +166,27 @@ class Config:
         return cls.load(path, overrides)
 
 
+# Beam and equilibrium settings that must be above zero, or not below it (NaN fails both).
+POSITIVE = ("beam.gas_lifetime_h", "equilibrium.momentum_acceptance", "equilibrium.timeout_s")
+NOT_NEGATIVE = ("beam.bunches", "beam.current_noise_uA", "equilibrium.vertical_emittance_floor_pm",
+                "equilibrium.min_interval_s")
+
+
+def _check_beam(data: dict) -> None:
+    """Refuse beam and equilibrium settings out of their range, naming them."""
+    for names, ok, rule in ((POSITIVE, lambda v: v > 0, "> 0"), (NOT_NEGATIVE, lambda v: v >= 0, ">= 0")):
+        for name in names:
+            section, key = name.split(".")
+            if not ok(data[section][key]):
+                raise SettingsError(f"{name} = {data[section][key]}: it must be {rule}")
+    lifetime = data["beam"]["lifetime_h"]
+    if not (math.isnan(lifetime) or lifetime > 0):
+        raise SettingsError(f"beam.lifetime_h = {lifetime}: it takes nan (from physics), inf (no decay) or a "
+                            "lifetime > 0")
+
+
 def _equilibrium(data: dict) -> EquilibriumSettings:
     beam, settings = data["beam"], data["equilibrium"]
-    if not (isinstance(beam["bunches"], int) and beam["bunches"] >= 0):
-        raise SettingsError(f"beam.bunches = {beam['bunches']}: it takes a whole number, 0 for every bucket")
-    if not settings["momentum_acceptance"] > 0:
-        raise SettingsError(f"equilibrium.momentum_acceptance = {settings['momentum_acceptance']}: it must be > 0")
     return EquilibriumSettings(beam["bunches"], beam["current_mA"], settings["momentum_acceptance"],
                                settings["vertical_emittance_floor_pm"] * 1e-12)
 

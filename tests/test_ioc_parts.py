@@ -175,6 +175,13 @@ def test_an_unknown_or_mistyped_setting_is_refused_with_the_known_keys():
         Config.for_machine("mls", ["rate_hz=fast"])
     with pytest.raises(SettingsError, match="journal.keep = 2.5: it takes an integer"):
         Config.for_machine("mls", ["journal.keep=2.5"])
+    for bad, says in (("beam.gas_lifetime_h=0", "beam.gas_lifetime_h = 0.0: it must be > 0"),
+                      ("beam.bunches=-1", "beam.bunches = -1: it must be >= 0"),
+                      ("equilibrium.vertical_emittance_floor_pm=-5", "floor_pm = -5.0: it must be >= 0"),
+                      ("equilibrium.momentum_acceptance=nan", "momentum_acceptance = nan: it must be > 0"),
+                      ("beam.lifetime_h=-2", "beam.lifetime_h = -2.0: it takes nan")):
+        with pytest.raises(SettingsError, match=says):
+            Config.for_machine("mls", [bad])
     config = Config.for_machine("mls", [*IDEAL, "errors.offsets_um.Q2M1K3RP=[120, -80]", "rate_hz=10"])
     assert config.rate_hz == 10.0 and config.realism.magnet_offsets == {"Q2M1K3RP": pytest.approx((120e-6, -80e-6))}
     assert Config.for_machine("mls").rate_hz == 25.0  # the default, stated in startup/defaults.toml only
