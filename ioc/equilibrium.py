@@ -84,6 +84,7 @@ def _serve(conn, setup: EquilibriumSetup) -> None:
         if unknown:
             raise ValueError(f"no element {', '.join(unknown)} in the lattice (source points of pvs.csv)")
         points = {p: names.index(p) for p in setup.points}
+        quantities = {name: c.quantity for name, c in engine.devices.converters.items()}
     except Exception as err:  # noqa: BLE001 - whatever stops the start, the IOC is told why
         conn.send(("failed", f"{type(err).__name__}: {err}"))
         return
@@ -101,7 +102,6 @@ def _serve(conn, setup: EquilibriumSetup) -> None:
         if lattice.errors != errors:
             engine.misalign(lattice.errors.draw(tables))
             errors = lattice.errors
-        quantities = {name: c.quantity for name, c in engine.devices.converters.items()}
         engine.apply_valid([Change(d, quantities[d], v) for d, v in lattice.outputs.items() if d in quantities])
         result = equilibrium.compute(engine.ring, engine.rf_frequency, points, setup.settings, lattice.version,
                                      guess)
@@ -113,8 +113,8 @@ def _serve(conn, setup: EquilibriumSetup) -> None:
 
 
 class EquilibriumWorker:
-    """Owns the equilibrium process: the newest lattice waiting for it, the one it computes, its
-    last answer, and its replacement when it dies or hangs (*report* says so)."""
+    """Owns the equilibrium process: the newest lattice waiting for it, the one it computes, and
+    its replacement when it dies or hangs (*report* says so)."""
 
     def __init__(self, setup: EquilibriumSetup, timeout: float, report: Callable[[str], None],
                  min_interval: float = 0.0):
@@ -122,7 +122,6 @@ class EquilibriumWorker:
         self.restarts = 0
         self._failures = 0  # replacements in a row that never became ready
         self.status = "starting"
-        self.latest: Equilibrium | None = None
         self._waiting: Lattice | None = None  # the newest lattice not yet sent
         self._sent: Lattice | None = None  # the lattice being computed
         self._sent_at = 0.0
@@ -159,7 +158,7 @@ class EquilibriumWorker:
                 if kind == "ready":
                     self._ready, self.status = True, f"running (pid {self.pid})"
                 else:
-                    fresh = self.latest = detail
+                    fresh = detail
                     self._sent = None
         except (EOFError, OSError):
             pass

@@ -81,6 +81,3 @@ class Equilibrium:
         electron is proportional to the electron density, so to the bunch current."""
         per_bunch = current_mA * 1e-3 / self.bunches if self.bunches else 0.0
         return self.touschek_lifetime * self.bunch_current / per_bunch if per_bunch > 0 else math.inf
-
-    def as_dict(self) -> dict:
-        return asdict(self)
