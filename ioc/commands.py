@@ -173,7 +173,14 @@ def replay(args) -> int:
         print("refusing: a replay onto a target that is not known to be a twin needs --confirm with the code a "
               "dry-run prints for this plan and target (run it with --dry-run first)", file=sys.stderr)
         return 2
-    sent, stop = send(verdicts, times, lambda pv, value: channels[pv].put(value, wait=True, timeout=TIMEOUT) == 1)
+    replaying = epics.PV(args.prefix + "REPLAY:ACTIVE", connection_timeout=TIMEOUT) if twin_host else None
+    if replaying is not None and replaying.wait_for_connection(TIMEOUT):
+        replaying.put(1, wait=True, timeout=TIMEOUT)  # the twin journals these puts as the replay's
+    try:
+        sent, stop = send(verdicts, times, lambda pv, value: channels[pv].put(value, wait=True, timeout=TIMEOUT) == 1)
+    finally:
+        if replaying is not None and replaying.connected:
+            replaying.put(0, wait=True, timeout=TIMEOUT)
     print(f"sent {sent} of {len(verdicts)}")
     if stop is not None:
         print(f"stopped at {stop.command.seq} {stop.command.pv} = {stop.command.value!r}: {stop.refusal}",

@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from twinioc.model.correction import CorrectionSettings
 from twinioc.model.realism import Realism
 from twinioc.model.state import EquilibriumSettings
 
@@ -28,7 +29,9 @@ IDEAL = [
     "bpm.noise_um=0", "bpm.offset_um=0", "bpm.gain_error=0", "bpm.roll_mrad=0",
     "errors.quadrupole_offset_um=0", "errors.sextupole_offset_um=0", "errors.roll_urad=0",
     "beam.lifetime_h=inf", "beam.fill_rate_mA_per_s=inf", "beam.topup=true", "beam.current_noise_uA=0",
+    "orbit_feedback.enabled=false", "start.state='commissioning'",  # nothing to correct, nothing corrects
 ]
+START_STATES = ("operation", "commissioning")
 
 
 class SettingsError(ValueError):
@@ -108,6 +111,7 @@ class Config:
     topup: bool
     topup_band_mA: tuple[float, float]
     fill_rate_mA_per_s: float
+    dose_per_lost_watt: float  # a dose monitor's reading per W of beam power lost; 0: no dose monitor
     bind: str
     autosave_period_s: float
     journal_max_mb: float  # the journals rotate at this size
@@ -118,6 +122,9 @@ class Config:
     sentinels: list[str]  # real names that no other server may answer
     sentinel_search_s: float
     realism: Realism
+    start_state: str  # "operation": orbit and tunes corrected before serving; "commissioning": as the errors leave them
+    tune_families: list[str]  # the two quadrupole families (fnmatch patterns) a start in operation trims the tunes with
+    feedback: FeedbackSettings
 
     @classmethod
     def load(cls, path: Path, overrides: list[str] = ()) -> Config:
@@ -142,6 +149,7 @@ class Config:
         if not data["rate_hz"] > 0 or not math.isfinite(data["rate_hz"]):
             raise SettingsError(f"rate_hz = {data['rate_hz']}: it must be a positive number")
         _check_beam(data)
+        _check_start(data)
         return cls(
             name=name, machine=data["machine"], tables=tables if tables.is_absolute() else DB / tables,
             prefix=data["prefix"], rate_hz=data["rate_hz"],
@@ -151,11 +159,14 @@ class Config:
             equilibrium_timeout_s=data["equilibrium"]["timeout_s"],
             equilibrium_interval_s=data["equilibrium"]["min_interval_s"],
             topup_band_mA=(float(band[0]), float(band[1])), fill_rate_mA_per_s=beam["fill_rate_mA_per_s"],
+            dose_per_lost_watt=beam["dose_per_lost_watt"],
             bind=data["network"]["bind"], autosave_period_s=data["autosave"]["period_s"],
             journal_max_mb=data["journal"]["max_mb"], journal_keep=data["journal"]["keep"],
             step_timeout_s=data["physics"]["step_timeout_s"], max_restarts=data["physics"]["max_restarts"],
             envelope=data["envelope"], sentinels=[str(n) for n in data["safety"]["sentinels"]],
             sentinel_search_s=data["safety"]["search_s"], realism=Realism.from_settings(data),
+            start_state=data["start"]["state"], tune_families=[str(p) for p in data["start"]["tune_families"]],
+            feedback=_feedback(data["orbit_feedback"]),
         )
 
     @classmethod
@@ -168,8 +179,8 @@ class Config:
 
 # Beam and equilibrium settings that must be above zero, or not below it (NaN fails both).
 POSITIVE = ("beam.gas_lifetime_h", "equilibrium.momentum_acceptance", "equilibrium.timeout_s")
-NOT_NEGATIVE = ("beam.bunches", "beam.current_noise_uA", "equilibrium.vertical_emittance_floor_pm",
-                "equilibrium.min_interval_s")
+NOT_NEGATIVE = ("beam.bunches", "beam.current_noise_uA", "beam.dose_per_lost_watt",
+                "equilibrium.vertical_emittance_floor_pm", "equilibrium.min_interval_s")
 
 
 def _check_beam(data: dict) -> None:
@@ -183,6 +194,34 @@ def _check_beam(data: dict) -> None:
     if not (math.isnan(lifetime) or lifetime > 0):
         raise SettingsError(f"beam.lifetime_h = {lifetime}: it takes nan (from physics), inf (no decay) or a "
                             "lifetime > 0")
+
+
+@dataclass(frozen=True)
+class FeedbackSettings:
+    """The slow orbit feedback: on at a first start, its period, and how it inverts the response."""
+
+    enabled: bool
+    period_s: float
+    correction: CorrectionSettings
+
+
+def _feedback(settings: dict) -> FeedbackSettings:
+    return FeedbackSettings(settings["enabled"], settings["period_s"],
+                            CorrectionSettings(settings["singular_value_cut"], settings["gain"]))
+
+
+def _check_start(data: dict) -> None:
+    """Refuse a start state or feedback setting that cannot be used, naming it."""
+    if data["start"]["state"] not in START_STATES:
+        raise SettingsError(f"start.state = {data['start']['state']!r}: it takes {' or '.join(START_STATES)}")
+    if len(data["start"]["tune_families"]) not in (0, 2):
+        raise SettingsError(f"start.tune_families = {data['start']['tune_families']}: it takes two patterns, or none")
+    feedback = data["orbit_feedback"]
+    for key, ok, rule in (("period_s", feedback["period_s"] > 0, "> 0"),
+                          ("gain", 0 < feedback["gain"] <= 1, "in (0, 1]"),
+                          ("singular_value_cut", 0 <= feedback["singular_value_cut"] < 1, "in [0, 1)")):
+        if not ok or not math.isfinite(feedback[key]):
+            raise SettingsError(f"orbit_feedback.{key} = {feedback[key]}: it must be {rule}")
 
 
 def _equilibrium(data: dict) -> EquilibriumSettings:

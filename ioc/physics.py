@@ -21,7 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
+from twinioc.model.correction import StartRequest
 from twinioc.model.devices import SettingError
 from twinioc.model.realism import MagnetErrorSettings
 from twinioc.model.state import BeamState, Change
@@ -38,17 +41,27 @@ class Step:
     applied: dict[str, float] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)
     note: str = ""  # what the worker could not do beyond the changes (magnet errors it kept)
+    response: np.ndarray | None = None  # the orbit response of the steerers (``Engine.orbit_response``), if asked
 
 
 @dataclass(frozen=True)
 class WorkerSetup:
-    """What a worker is built from: the machine's tables, the aperture, the magnet errors, and the
-    lattice version it continues from."""
+    """What a worker is built from: the machine's tables, the aperture, the magnet errors, the
+    lattice version it continues from, and (the first worker of a fresh twin in operation) the
+    correction to find before it is ready."""
 
     tables: Path
     aperture: tuple[float, float] | None
     magnet_errors: MagnetErrorSettings
     first_version: int = 0
+    start: StartRequest | None = None
+
+
+class StartSettings(NamedTuple):
+    """What a start in operation set (converter -> value; empty: nothing) and how it ended."""
+
+    settings: dict[str, float]
+    note: str
 
 
 class MagnetErrors:
@@ -70,12 +83,15 @@ class MagnetErrors:
             unsent, self._unsent = self._unsent, None
             return unsent
 
-    def setup(self, tables: Path, aperture: tuple[float, float] | None) -> Callable[[int], WorkerSetup]:
-        """How a new worker is set up: with the errors as they are then (nothing left to send it)."""
+    def setup(self, tables: Path, aperture: tuple[float, float] | None,
+              start: StartRequest | None = None) -> Callable[[int], WorkerSetup]:
+        """How a new worker is set up: with the errors as they are then (nothing left to send it);
+        the first one also with the *start* correction to find."""
         def setup(first_version: int) -> WorkerSetup:
             with self._lock:
                 self._unsent = None
-                return WorkerSetup(tables, aperture, self.settings, first_version)
+                return WorkerSetup(tables, aperture, self.settings, first_version,
+                                   start if first_version == 0 else None)
 
         return setup
 
@@ -91,13 +107,34 @@ def _serve(conn, setup: WorkerSetup) -> None:
             from twinioc.model.engine import Engine  # pyAT is loaded here only, never in the IOC process
         tables = MachineTables(setup.tables)
         engine = Engine.from_tables(tables, aperture=setup.aperture)
+        working_point = engine.compute(chromaticity=False).tune  # the design's, before the errors
         engine.misalign(setup.magnet_errors.draw(tables))
+        start = _start(engine, setup.start, working_point)
         engine.version = max(engine.version, setup.first_version)
     except Exception as err:  # noqa: BLE001 - whatever stops the start, the IOC is told why
         conn.send(("failed", f"{type(err).__name__}: {err}"))
         return
     conn.send(("ready", ({name: (c.kind, c.quantity) for name, c in engine.devices.converters.items()},
-                         engine.version)))
+                         engine.version, engine.steerers(), start)))
+    _answer_steps(conn, engine, tables)
+
+
+def _start(engine, request: StartRequest | None, working_point) -> StartSettings:
+    """The settings of a start in operation (none without a request), and what the correction did."""
+    from twinioc.model.correction import start_in_operation
+
+    if request is None:
+        return StartSettings({}, "")
+    notes: list[str] = []
+    try:
+        settings = start_in_operation(engine, request, working_point, notes.append)
+    except (ArithmeticError, ValueError) as err:
+        return StartSettings({}, f"not corrected: {err}")
+    return StartSettings(settings, notes[-1] if notes else "")
+
+
+def _answer_steps(conn, engine, tables: MachineTables) -> None:
+    """Answer batches until told to stop."""
     chromaticity = True
     while True:
         try:
@@ -106,7 +143,7 @@ def _serve(conn, setup: WorkerSetup) -> None:
             return  # the IOC has gone
         if message is None:
             return
-        changes, errors = message
+        changes, errors, response = message
         note = ""
         if errors is not None:  # other magnet errors
             try:
@@ -118,7 +155,10 @@ def _serve(conn, setup: WorkerSetup) -> None:
         chromaticity |= any(engine.devices.converters[d].kind in OPTICS_KINDS for d in applied)
         state = engine.compute(chromaticity=chromaticity)
         chromaticity = not state.stable  # retry next time if it could not be computed
-        conn.send(Step(state, applied, refused, note))
+        step = Step(state, applied, refused, note)
+        if response and state.stable:
+            step.response = engine.orbit_response()
+        conn.send(step)
 
 
 class PhysicsWorker:
@@ -136,6 +176,8 @@ class PhysicsWorker:
         self.kinds: dict[str, str] = {}  # device -> quadrupole | ... | rf | cavity
         self.quantities: dict[str, str] = {}  # device -> "current" | "frequency" | "voltage"
         self.version = 0  # the engine's lattice version when it was ready
+        self.steerers: list[str] = []  # the columns of a step's orbit response
+        self.start = StartSettings({}, "")  # what a start in operation set
         self.ready = False
 
     @property
@@ -159,7 +201,7 @@ class PhysicsWorker:
         kind, detail = self._answer(timeout)
         if kind != "ready":
             raise WorkerFailure(f"the worker could not start: {detail}")
-        devices, self.version = detail
+        devices, self.version, self.steerers, self.start = detail
         self.kinds = {name: kind for name, (kind, _) in devices.items()}
         self.quantities = {name: quantity for name, (_, quantity) in devices.items()}
         self.ready = True
@@ -172,13 +214,15 @@ class PhysicsWorker:
                 self.wait_ready(timeout=0.0)
         return self.ready
 
-    def step(self, changes: list[Change], errors: MagnetErrorSettings | None = None) -> Step:
+    def step(self, changes: list[Change], errors: MagnetErrorSettings | None = None,
+             response: bool = False) -> Step:
         """Apply *changes* (possibly none) and return the resulting state. Blocks without the GIL.
 
-        *errors*: first misalign the magnets as these settings (seed, σ's, named offsets) say.
+        *errors*: first misalign the magnets as these settings (seed, σ's, named offsets) say;
+        *response*: also compute the steerers' orbit response of the new lattice.
         """
         try:
-            self._conn.send((changes, errors))
+            self._conn.send((changes, errors, response))
         except OSError:
             self._answer(0.0)  # says why it cannot take it
         return self._answer(self.timeout)
@@ -246,10 +290,11 @@ class Supervisor:
             self._report(f"physics: a new worker is ready (pid {self.worker.pid}), restart {self.restarts}")
         return True
 
-    def step(self, changes: list[Change], errors: MagnetErrorSettings | None) -> Step | None:
+    def step(self, changes: list[Change], errors: MagnetErrorSettings | None,
+             response: bool = False) -> Step | None:
         """The worker's step, or None when it failed (a new one is on its way)."""
         try:
-            step = self.worker.step(changes, errors)
+            step = self.worker.step(changes, errors, response)
         except WorkerFailure as err:
             self.replace(str(err))
             return None

@@ -11,7 +11,7 @@ is back. The readbacks are the converters' outputs with their noise, one array p
 from __future__ import annotations
 
 import numpy as np
-from twinioc.model.realism import BpmErrors, Realism, streams
+from twinioc.model.realism import Realism, streams
 from twinioc.model.state import BeamState
 from twinioc.model.tables import MachineTables, PvRow
 
@@ -30,9 +30,7 @@ class Publisher:
     def __init__(self, tables: MachineTables, rows: list[PvRow], realism: Realism, build):
         self._build = build  # the record builders (``records``)
         self.random = streams(realism.seed)
-        noise = [realism.bpm_noise_per_bpm.get(name, realism.bpm_noise) for name in tables.bpm_names]
-        self.bpm_errors = BpmErrors.draw(len(tables.bpms), self.random["bpm_errors"], realism.bpm_offset,
-                                         realism.bpm_gain_error, realism.bpm_roll, np.array(noise))
+        self.bpm_errors = realism.bpm_errors(tables.bpm_names)
         self.bpm_index = {name: i for i, name in enumerate(tables.bpm_names)}
         # the converters in $(P)READBACKS order, and the σ of each one's readback noise
         self.readback_devices = list(dict.fromkeys(r.device for r in rows if r.signal == "readback"))

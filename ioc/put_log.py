@@ -12,6 +12,11 @@ from collections.abc import Callable
 
 from .journal import Journal
 
+# Who made an entry: a client's CA or PVA put, the twin's orbit feedback, a start in operation, a
+# journal replay (``twinioc replay`` onto a twin), a snapshot restore, an optics mode loaded.
+CLIENT, FEEDBACK, START, REPLAY, SNAPSHOT, OPTICS = "client", "orbit feedback", "start", "replay", "snapshot", "optics"
+SOURCES = (CLIENT, FEEDBACK, START, REPLAY, SNAPSHOT, OPTICS)
+
 
 class PutLog:
     """Writes put entries into *journal*; remembers the last accepted value of each PV, which is the
@@ -31,22 +36,25 @@ class PutLog:
         self._held[pv] = value
 
     def accepted(self, command: str, pv: str, new: object, *, device: str = "", old: object = None,
-                 detail: str = "", **extra) -> int:
-        """An accepted put; *old*: the value before, if the caller knows it better. Returns its seq."""
+                 detail: str = "", source: str = CLIENT, **extra) -> int:
+        """An accepted put; *old*: the value before, if the caller knows it better; *source*: who
+        made it (``SOURCES``). Returns its seq."""
         before = self._held.get(pv) if old is None else old
         self._held[pv] = new
-        return self._write(command, pv, device, before, new, "accepted", detail, extra)
+        return self._write(command, pv, device, before, new, "accepted", detail, source, extra)
 
     def refused(self, command: str, pv: str, new: object, reason: str, *, device: str = "",
-                old: object = None) -> int:
+                old: object = None, source: str = CLIENT) -> int:
         """A refused put, with the reason; the PV keeps what it held."""
         return self._write(command, pv, device, self._held.get(pv) if old is None else old, new, "refused",
-                           reason, {})
+                           reason, source, {})
 
     def _write(self, command: str, pv: str, device: str, old: object, new: object, outcome: str, detail: str,
-               extra: dict) -> int:
+               source: str, extra: dict) -> int:
+        if source not in SOURCES:
+            raise ValueError(f"unknown journal source {source!r}")
         entry = {"command": command, "pv": pv, "device": device, "old": old, "new": new, "outcome": outcome,
-                 "detail": detail, **extra}
+                 "detail": detail, "source": source, **extra}
         return self.journal.append(entry)["seq"]
 
 

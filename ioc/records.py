@@ -89,6 +89,32 @@ def waveform(row: PvRow):
     return builder.WaveformIn(row.pv, np.zeros(int(row.nelm)), **_display(row))
 
 
+def long_waveform(row: PvRow):
+    """A waveform of NELM whole numbers (DBF_LONG), as a machine's raw buffers are."""
+    return builder.WaveformIn(row.pv, np.zeros(int(row.nelm), dtype=np.int32), **_display(row))
+
+
+def linked_ai(row: PvRow, source: str):
+    """An ai showing the record *source*, with its alarm and time stamp, through a CP link (in C)."""
+    return builder.records.ai(row.pv, INP=f"{source} CP MS", TSEL=f"{source}.TIME", **_display(row))
+
+
+def setting_ao(row: PvRow, accept: Callable[[object, float], bool]):
+    """A number the twin keeps, autosaved, within LOW..HIGH where the row gives them; *accept*
+    (record, value) sees every put and may refuse it (False: the old value stays)."""
+    low, high = _number(row.low), _number(row.high)
+    return builder.aOut(row.pv, DRVL=low, DRVH=high, LOPR=low, HOPR=high, initial_value=_number(row.initial, 0.0),
+                        validate=accept, always_update=True, autosave=True, **_display(row))
+
+
+def setting_bo(row: PvRow, accept: Callable[[object, int], bool]):
+    """A two-state setting the twin keeps, autosaved: its state names are the description ("OFF/ON"),
+    it starts in the state the row's initial names; *accept* may refuse a put."""
+    states = row.description.split("/")
+    return builder.boolOut(row.pv, *states, initial_value=states.index(row.initial) if row.initial else 0,
+                           validate=accept, always_update=True, autosave=True)
+
+
 def names(row: PvRow, values: list[str]):
     return builder.WaveformIn(row.pv, initial_value=values, **_display(row))
 
@@ -124,7 +150,22 @@ def control_ao(row: PvRow, on_update: Callable[[float], None], accept: Callable[
                         on_update=on_update, always_update=True, **_display(row))
 
 
-def control_bo(row: PvRow, on_update: Callable[[int], None]):
-    """A run-time switch of the twin; its two state names are the description "OFF/ON"."""
+def control_bo(row: PvRow, on_update: Callable[[int], None], autosave: bool = False):
+    """A run-time switch of the twin; its two state names are the description "OFF/ON"; *autosave*:
+    it keeps its state over a restart."""
     low, high = row.description.split("/")
-    return builder.boolOut(row.pv, low, high, initial_value=1, on_update=on_update, always_update=True)
+    return builder.boolOut(row.pv, low, high, initial_value=1, on_update=on_update, always_update=True,
+                           autosave=autosave)
+
+
+def longout(row: PvRow, on_update: Callable[[int], None]):
+    """A whole-number setting (DBF_LONG), clamped to LOW..HIGH by the record, autosaved."""
+    low, high = int(_number(row.low)), int(_number(row.high))
+    return builder.longOut(row.pv, DRVL=low, DRVH=high, LOPR=low, HOPR=high, initial_value=int(_number(row.initial, 0)),
+                           on_update=on_update, always_update=True, autosave=True, **_display(row))
+
+
+def waveform_out(row: PvRow, on_update: Callable[[np.ndarray], None], accept: Callable[[object, np.ndarray], bool]):
+    """A writable array of NELM numbers, autosaved; *accept* may refuse a put (a wrong length, NaN)."""
+    return builder.WaveformOut(row.pv, np.zeros(int(row.nelm)), validate=accept, on_update=on_update,
+                               always_update=True, autosave=True, **_display(row))

@@ -182,10 +182,11 @@ def serve(args: argparse.Namespace) -> int:
         list_pvs(config, tables)
         return 0
     network_defaults(config.bind, explicit=args.bind is not None)
-    workers = start_physics(config, tables)
+    state_dir = args.state_dir or Path(os.environ.get("TWINIOC_STATE", Path("var") / config.name))
+    workers = start_physics(config, tables, in_operation=config.start_state == "operation" and fresh(state_dir))
     others = OtherServers(config)
     try:
-        twin, state_dir = build_twin(config, tables, args, *workers)
+        twin = build_twin(config, tables, args, state_dir, *workers)
         twin.start()  # waits for the physics worker
     except WorkerFailure as err:
         close_workers(*workers)
@@ -200,9 +201,19 @@ def serve(args: argparse.Namespace) -> int:
     return run_ioc(twin, config, state_dir, args.optics)
 
 
-def start_physics(config: Config, tables: MachineTables):
+def fresh(state_dir: Path) -> bool:
+    """Whether the state folder holds nothing of an earlier run: no journal entry, no autosave."""
+    from .journal import PUTS
+
+    journal = state_dir / PUTS
+    return not (journal.exists() and journal.stat().st_size) and not any(state_dir.glob("*.softsav*"))
+
+
+def start_physics(config: Config, tables: MachineTables, in_operation: bool = False):
     """The physics worker and the equilibrium's, loading in their own processes from now on (before
-    softioc is imported)."""
+    softioc is imported); *in_operation*: the first worker corrects orbit and tunes before it is ready."""
+    from twinioc.model.correction import CorrectionSettings, StartRequest
+
     from .equilibrium import EquilibriumSetup, EquilibriumWorker
     from .physics import MagnetErrors, Supervisor
     from .signals import SIGNALS
@@ -210,8 +221,15 @@ def start_physics(config: Config, tables: MachineTables):
     def report(text: str) -> None:
         log.warning("%s", text)
 
+    import numpy as np
+
+    start = None
+    if in_operation:
+        start = StartRequest(np.zeros(2 * len(tables.bpms)), config.tune_families,
+                             config.realism.bpm_errors(tables.bpm_names),
+                             CorrectionSettings(config.feedback.correction.cut))  # all of it, at once
     magnet_errors = MagnetErrors(config.realism.magnet_error_settings)
-    supervisor = Supervisor(magnet_errors.setup(config.tables, config.realism.aperture), config.step_timeout_s,
+    supervisor = Supervisor(magnet_errors.setup(config.tables, config.realism.aperture, start), config.step_timeout_s,
                             config.max_restarts, report)
     points = tuple(dict.fromkeys(row.device for row in tables.pvs(config.prefix)
                                  if row.signal in SIGNALS and SIGNALS[row.signal].by_point))
@@ -228,15 +246,14 @@ def close_workers(supervisor, magnet_errors, equilibria) -> None:
         equilibria.close()
 
 
-def build_twin(config: Config, tables: MachineTables, args: argparse.Namespace, supervisor, magnet_errors,
-               equilibria):
+def build_twin(config: Config, tables: MachineTables, args: argparse.Namespace, state_dir: Path, supervisor,
+               magnet_errors, equilibria):
     """The twin's records, a scenario's faults, and the setpoints as they were."""
     from softioc import autosave
 
     from .faults import FaultError, scenario
     from .twin import Twin
 
-    state_dir = args.state_dir or Path(os.environ.get("TWINIOC_STATE", Path("var") / config.name))
     state_dir.mkdir(parents=True, exist_ok=True)
     autosave.configure(directory=state_dir, name=config.name, save_period=config.autosave_period_s)
     try:
@@ -251,7 +268,7 @@ def build_twin(config: Config, tables: MachineTables, args: argparse.Namespace, 
             raise SystemExit(f"twinioc: {args.faults}: {err}") from None
     restore_setpoints(twin, state_dir, state_dir / f"{config.name}.{autosave.SAV_SUFFIX}")
     log.debug("%d records built after %.2f s", len(served), time.monotonic() - STARTED)
-    return twin, state_dir
+    return twin
 
 
 def run_ioc(twin, config: Config, state_dir: Path, optics: str | None) -> int:

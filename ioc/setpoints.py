@@ -17,13 +17,14 @@ import time
 from collections.abc import Callable
 
 from twinioc.model.realism import ConverterBank
-from twinioc.model.tables import PvRow
+from twinioc.model.tables import PvRow, TableError
 
 from . import alarms
 from .faults import Fault
-from .put_log import PutLog
+from .put_log import CLIENT, OPTICS, REPLAY, PutLog
 
 log = logging.getLogger("twinioc")
+REPLAY_IDLE_S = 30.0  # a replay marker with no setpoint put for this long was left on: it goes off
 
 
 class SetpointDesk:
@@ -39,7 +40,10 @@ class SetpointDesk:
         self.limits: dict[str, tuple[float, float]] = {}  # converter -> (DRVL, DRVH)
         self.switches: dict[str, object] = {}  # converter -> its power switch (bo)
         self.optics_records: list = []
+        self._optics_states: list[list[str]] = []  # each selector's states, in its index order
         self._optics_pvs: list[str] = []
+        self._replay_record = None
+        self._replay_until = 0.0  # monotonic time until which setpoint puts are a replay's
         self.bank: ConverterBank | None = None  # the converters' outputs, from the first batch on
         self.on_power: Callable[[str], None] = lambda device: None  # a converter was switched
         self._refusals: list[tuple[str, str]] = []  # (converter, why): alarms for the next tick
@@ -64,15 +68,53 @@ class SetpointDesk:
         return record
 
     def add_optics(self, row: PvRow) -> object:
+        """An optics selector: ``$(P)OPTICS:MODE``, or a machine's own with its states in its own
+        order (the row's description, "a/b/c"). A put on one loads the mode and shows it on all."""
+        states = row.description.split("/") if "/" in row.description else list(self.optics)
+        unknown = set(states) - set(self.optics)
+        if unknown:
+            raise TableError(f"{row.where}: no optics modes {sorted(unknown)} (known: {', '.join(self.optics)})")
+
         def on_select(mode: str) -> None:
+            self._show_optics(mode)
             self.set_setpoints(self.optics[mode], lambda: self._put_log.accepted(
-                "optics", row.pv, mode, setpoints=self.optics[mode]))
+                "optics", row.pv, mode, setpoints=self.optics[mode], source=OPTICS))
             log.info("optics mode %s: %d converters", mode, len(self.optics[mode]))
 
-        record = self._build.mbbo(row, list(self.optics), on_select)
+        record = self._build.mbbo(row, states, on_select)
         self.optics_records.append(record)
+        self._optics_states.append(states)
         self._optics_pvs.append(row.pv)
         return record
+
+    def _show_optics(self, mode: str) -> None:
+        """Every optics selector shows *mode* (without processing: no selector loads it again)."""
+        for pv, record, states in zip(self._optics_pvs, self.optics_records, self._optics_states, strict=True):
+            if record.get() != states.index(mode):
+                record.set(states.index(mode), process=False)
+            self._put_log.hold(pv, mode)
+
+    def add_replay_marker(self, row: PvRow) -> object:
+        """``$(P)REPLAY:ACTIVE``: while a replay holds it on, setpoint puts are journaled as the
+        replay's; it falls back off by itself ``REPLAY_IDLE_S`` after the last put."""
+        def on_put(value: int) -> None:
+            self._replay_until = time.monotonic() + REPLAY_IDLE_S if value else 0.0
+            self._put_log.accepted("control", row.pv, value)
+
+        self._replay_record = record = self._build.control_bo(row, on_put)
+        record.set(0, process=False)
+        self._put_log.hold(row.pv, 0)
+        return record
+
+    def _source(self) -> str:
+        """Who a put on a setpoint comes from now: a replay that holds the marker, or a client."""
+        if self._replay_until and time.monotonic() < self._replay_until:
+            self._replay_until = time.monotonic() + REPLAY_IDLE_S
+            return REPLAY
+        if self._replay_until and self._replay_record is not None:
+            self._replay_until = 0.0
+            self._replay_record.set(0, process=False)
+        return CLIENT
 
     # -- the put path ---------------------------------------------------------------------------
 
@@ -91,7 +133,7 @@ class SetpointDesk:
                 if not math.isfinite(value):
                     reason = f"{value} is not a finite number"
                     self._refusals.append((device, reason))  # the next tick raises the alarm
-                    self._put_log.refused("set", pv, value, reason, device=device, old=old)
+                    self._put_log.refused("set", pv, value, reason, device=device, old=old, source=self._source())
                     accepted = False
                 else:
                     delay, given, detail = self._route(device, value)
@@ -99,7 +141,8 @@ class SetpointDesk:
                     if value in (low, high):
                         detail = ", ".join(filter(None, [f"at the {'lower' if value == low else 'upper'} limit",
                                                          detail]))
-                    seq = self._put_log.accepted("set", pv, value, device=device, old=old, detail=detail)
+                    seq = self._put_log.accepted("set", pv, value, device=device, old=old, detail=detail,
+                                                 source=self._source())
                     self._hand(device, given, seq, delay)
                     accepted = True
             self._wake.set()
@@ -149,10 +192,11 @@ class SetpointDesk:
         self._wake.set()
 
     def select_optics(self, mode: str) -> None:
-        """Load an optics mode as if a client had put it to ``$(P)OPTICS:MODE`` (not journaled)."""
-        for record in self.optics_records:
-            record.set(list(self.optics).index(mode), process=False)
-        self.set_setpoints(self.optics[mode])
+        """Load an optics mode at start (``--optics``) as a put on ``$(P)OPTICS:MODE`` would."""
+        self._show_optics(mode)
+        self.set_setpoints(self.optics[mode], lambda: self._put_log.accepted(
+            "optics", self._optics_pvs[0], mode, setpoints=self.optics[mode], detail="--optics at start",
+            source=OPTICS))
 
     def switch(self, device: str, on: bool) -> None:
         """Switch a converter on or off; off, its output ramps to zero (and back to the setpoint on)."""
@@ -167,8 +211,8 @@ class SetpointDesk:
         """The converters start at their setpoints as the records hold them (autosave and the
         journal may have restored them)."""
         initial = {device: record.get() for device, record in self.setpoints.items()}
-        for pv, record in zip(self._optics_pvs, self.optics_records, strict=True):  # as autosave restored it
-            self._put_log.hold(pv, list(self.optics)[record.get()])
+        for pv, record, states in zip(self._optics_pvs, self.optics_records, self._optics_states, strict=True):
+            self._put_log.hold(pv, states[record.get()])  # as autosave restored it
         with self._lock:
             self.bank = ConverterBank(kinds, slew, initial)
             for device, record in self.switches.items():

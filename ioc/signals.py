@@ -19,6 +19,8 @@ control            the setpoint desk: a run-time setting (``CONTROLS``)
 command            the fault desk or the snapshots: a command given as a string
 report             the desk that owns it: what the commands did, the lists they keep
 optics_mode        the setpoint desk: every converter of an optics mode, as one batch
+inert_setting      the inert desk: a setting the twin keeps (autosaved, journaled) that drives nothing
+inert_readback     the inert desk: the readback of an inert setting (a CP link to it, in C)
 =================  =========================================================================
 
 A reading *by point* (the beam sizes) shows the value at the lattice element its row names as device.
@@ -38,8 +40,12 @@ import numpy as np
 from twinioc.model.state import BeamState, Equilibrium
 from twinioc.model.tables import PV_COLUMNS, MachineTables, PvRow, TableError
 
-READING_RECORDS = ("ai", "longin", "stringin", "longstring", "bi", "waveform")
+READING_RECORDS = ("ai", "longin", "stringin", "longstring", "bi", "waveform", "long_waveform")
 SHORT_WINDOW_S, LONG_WINDOW_S = 10.0, 100.0  # the current monitor's lifetime windows
+# The MLS BPM buffer (BPMZ1X003GP:rdBufBpm): 256 DBF_LONG elements (cainfo inventory); a BPM's x at its
+# slot (bpms.csv), its y 32 elements on (assumed), in counts of betagui's 0.3051758e-3 mm (20/65536 mm
+# to 7 digits: +-10 mm in 16 bits).
+BPM_BUFFER_LENGTH, BPM_BUFFER_Y_OFFSET, BPM_BUFFER_MM_PER_COUNT = 256, 32, 0.3051758e-3
 
 
 @dataclass
@@ -63,6 +69,8 @@ class Publication:
     touschek_h: float = math.nan  # at the current of the moment
     gas_h: float = math.nan
     measured_lifetime_h: dict = field(default_factory=dict)  # window (s) -> the current monitor's fit
+    dose_per_lost_watt: float = 0.0  # a dose monitor's reading per W of beam power lost ([beam] dose_per_lost_watt)
+    bpm_buffer_slots: tuple[int | None, ...] | None = None  # each BPM's slot in the BPM buffer (``MachineTables``)
 
 
 @dataclass(frozen=True)
@@ -84,7 +92,9 @@ class Signal:
 
 ROLE_RECORDS = {"setpoint": ("ao",), "readback": ("ai",), "bpm_reading": ("ai",), "array": ("waveform",),
                 "names": ("names",), "table": ("table",), "converter_status": ("mbbi",), "power_switch": ("bo",),
-                "command": ("command",), "report": ("longstring", "longin"), "optics_mode": ("mbbo",)}
+                "command": ("command",), "report": ("longstring", "longin"), "optics_mode": ("mbbo",),
+                "inert_setting": ("ao", "bo"), "inert_readback": ("ai",),
+                "orbit_feedback": ("longout", "bo", "ai", "longstring", "waveform_out"), "replay_marker": ("bo",)}
 DEVICE_ROLES = {"setpoint": "converter", "readback": "converter", "converter_status": "converter",
                 "power_switch": "converter", "bpm_reading": "BPM"}
 
@@ -117,6 +127,34 @@ def _known(value: float) -> float | None:
 
 def _sizes(e: Equilibrium, plane: int) -> dict[str, float]:
     return {point: sizes[plane] * 1e6 for point, sizes in e.beam_sizes.items()}
+
+
+def _dose(p: Publication) -> float | None:
+    """k × the beam power lost, P = I / τ × E (A, s, V: W), with the lifetime the current decays with
+    now; not known while the lifetime is not."""
+    if not p.lifetime_h > 0:
+        return None
+    return p.dose_per_lost_watt * p.current * 1e-3 / (p.lifetime_h * 3600.0) * p.state.energy
+
+
+def _counts(orbit_m: np.ndarray) -> np.ndarray:
+    """BPM readings (m) in buffer counts; a reading that is no number (a BPM fault) counts 0."""
+    counts = np.rint(np.nan_to_num(orbit_m * 1e3 / BPM_BUFFER_MM_PER_COUNT))
+    limits = np.iinfo(np.int32)
+    return np.clip(counts, limits.min, limits.max).astype(np.int32)
+
+
+def _bpm_buffer(p: Publication) -> np.ndarray | None:
+    """The BPM buffer: each BPM's reading in counts, x at its slot and y ``BPM_BUFFER_Y_OFFSET`` on;
+    0 in every other element. Not known on a machine whose BPMs have no slots."""
+    if p.bpm_buffer_slots is None:
+        return None
+    bpms = [i for i, slot in enumerate(p.bpm_buffer_slots) if slot is not None]
+    slots = np.array([p.bpm_buffer_slots[i] for i in bpms], dtype=int)
+    buffer = np.zeros(BPM_BUFFER_LENGTH, dtype=np.int32)
+    buffer[slots] = _counts(p.reading.x[bpms])
+    buffer[slots + BPM_BUFFER_Y_OFFSET] = _counts(p.reading.y[bpms])
+    return buffer
 
 
 READINGS = [
@@ -182,6 +220,10 @@ READINGS = [
     _reading("physics_restarts", "restarts of the physics worker since start", lambda p: p.restarts, ""),
     _reading("physics_status", "what the physics worker is doing", lambda p: p.physics_status[:255], ""),
     _reading("equilibrium_status", "what the equilibrium worker is doing", lambda p: p.equilibrium_status[:255], ""),
+    _reading("dose_rate", "a dose-rate monitor: k × the beam power lost, (I / τ) · E (0 without beam)", _dose,
+             "stored"),
+    _reading("bpm_buffer", "the BPM buffer: each BPM's x at its slot, y 32 on, in counts of 0.3051758e-3 mm",
+             _bpm_buffer),
 ]
 
 
@@ -258,6 +300,19 @@ OTHERS = [
     Signal("command_result", "report", "what the last fault or snapshot command did, or why it was refused"),
     Signal("seed", "report", "the seed of every random number of this run (a snapshot may bring another)"),
     Signal("optics_mode", "optics_mode", "set every converter of an optics mode to its table value, as one batch"),
+    Signal("optics_table", "optics_mode", "a machine's own optics selector, its modes in its own order (the row's "
+           "description): tied both ways to $(P)OPTICS:MODE"),
+    Signal("replay_marker", "replay_marker", "on while a journal replay sends: its setpoint puts are journaled as "
+           "the replay's; off by itself 30 s after the last"),
+    Signal("feedback_run_mode", "orbit_feedback", "the slow orbit feedback's run mode: 0 off, any other value on"),
+    Signal("feedback_switch", "orbit_feedback", "the slow orbit feedback off or on"),
+    Signal("feedback_status", "orbit_feedback", "the run mode in effect: 0 while the feedback is not correcting"),
+    Signal("feedback_state", "orbit_feedback", "what the slow orbit feedback is doing"),
+    Signal("orbit_reference_x", "orbit_feedback", "the horizontal orbit the feedback steers the readings to, mm"),
+    Signal("orbit_reference_y", "orbit_feedback", "the vertical orbit the feedback steers the readings to, mm"),
+    Signal("inert_setting", "inert_setting", "a setting the twin keeps, autosaved and journaled, that drives nothing: "
+           "no effect on the beam"),
+    Signal("inert_readback", "inert_readback", "the readback of the inert setting of its row's device"),
 ]
 
 SIGNALS: dict[str, Signal] = {s.name: s for s in READINGS + OTHERS} | {
@@ -358,6 +413,14 @@ TWIN_CONTROLS = [
     ("TOPUP:HIGH", "ao", "topup_high_mA", "mA", 0, 1000, "top-up fills up to this current"),
     ("RAMP:ENABLE", "bo", "ramp", "", "", "", "OFF/ON"),
 ]
+# The orbit feedback's own (the switch is the machine's: a real name, or $(P)ORBIT:FEEDBACK) and the
+# replay's marker: suffix, record, signal, unit, description
+TWIN_FEEDBACK = [
+    ("ORBIT:REFERENCE:X", "waveform_out", "orbit_reference_x", "mm", "horizontal orbit the feedback steers to"),
+    ("ORBIT:REFERENCE:Y", "waveform_out", "orbit_reference_y", "mm", "vertical orbit the feedback steers to"),
+    ("ORBIT:FEEDBACK:STATUS", "longstring", "feedback_state", "", "what the slow orbit feedback is doing"),
+    ("REPLAY:ACTIVE", "bo", "replay_marker", "", "OFF/ON"),
+]
 
 
 def twin_rows(machine_rows: list[dict], n_bpms: int, modes: list[str] | None = None) -> list[dict]:
@@ -380,6 +443,10 @@ def twin_rows(machine_rows: list[dict], n_bpms: int, modes: list[str] | None = N
     rows += [pv_row(f"$(P){suffix}", record, signal=signal, unit=unit, prec=3 if record == "ao" else "",
                     low=low, high=high, description=description, source="twin only: run-time control")
              for suffix, record, signal, unit, low, high, description in TWIN_CONTROLS]
+    rows += [pv_row(f"$(P){suffix}", record, signal=signal, unit=unit, prec=4 if unit else "",
+                    nelm=n_bpms if record == "waveform_out" else "", description=description,
+                    source="twin only: orbit feedback, journal")
+             for suffix, record, signal, unit, description in TWIN_FEEDBACK]
     if modes:
         rows.append(pv_row("$(P)OPTICS:MODE", "mbbo", signal="optics_mode", initial=modes[0],
                            description="/".join(modes), source="twin only: loads optics.csv"))

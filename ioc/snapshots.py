@@ -25,7 +25,7 @@ from .faults import FaultError
 from .journal import now_iso
 from .physics import MagnetErrors
 from .publisher import Publisher
-from .put_log import PutLog, command_callbacks
+from .put_log import SNAPSHOT, PutLog, command_callbacks
 from .setpoints import SetpointDesk
 
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,60}")
@@ -206,6 +206,6 @@ class SnapshotDesk:
         p.faults.replace_all(snapshot.faults)
         detail = self._result(f"snapshot {name!r} of {snapshot.saved_at} restored")
         p.setpoints.set_setpoints(snapshot.setpoints, lambda: self._put_log.accepted(
-            "snapshot", pv, name, detail=detail, setpoints=snapshot.setpoints))
+            "snapshot", pv, name, detail=detail, setpoints=snapshot.setpoints, source=SNAPSHOT))
         p.faults.show()
         self.show()

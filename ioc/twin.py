@@ -36,10 +36,13 @@ from .config import Config
 from .controls import ControlPanel, RunTime
 from .equilibrium import EquilibriumWorker, Lattice
 from .fault_desk import FaultDesk
+from .inert import InertDesk
 from .journal import Journal
-from .physics import MagnetErrors, Step, Supervisor
+from .orbit_feedback import OrbitFeedback
+from .physics import OPTICS_KINDS, MagnetErrors, StartSettings, Step, Supervisor
 from .publisher import Publisher
-from .put_log import PutLog
+from .put_log import START, PutLog
+from .replay import Envelope
 from .setpoints import SetpointDesk
 from .signals import Publication
 from .snapshots import SnapshotDesk, TwinParts
@@ -82,6 +85,12 @@ class Twin:
         self.equilibria, self.equilibrium = equilibria, None
         self.run_time = RunTime(self.beam, self.publisher.bpm_errors, realism, self.lifetime)
         self.controls = ControlPanel(self.run_time, self.lock, self._wake, self.put_log, records)
+        self.inert = InertDesk(self.rows, self.put_log, records)
+        steerers = [name for name, c in tables.converters.items() if c.kind in ("hsteerer", "vsteerer")]
+        max_step = {name: step for name, step in Envelope.for_machine(config).max_step.items() if name in steerers}
+        feedback = config.feedback
+        self.feedback = OrbitFeedback(self.setpoints, self.put_log, len(tables.bpms), max_step, feedback.period_s,
+                                      feedback.correction, feedback.enabled, records)
         self.beam_physics = {"equilibrium": config.equilibrium.as_dict() if config.equilibrium else None,
                              "gas_lifetime_h": config.gas_lifetime_h, "current_noise_mA": config.current_noise_mA}
         parts = TwinParts(self.setpoints, self.controls, self.faults, self.publisher, self.beam, self.magnet_errors,
@@ -101,7 +110,9 @@ class Twin:
                                                          "table")}
         by_role |= {"setpoint": self.setpoints.add_setpoint, "power_switch": self.setpoints.add_switch,
                     "optics_mode": self.setpoints.add_optics, "control": self.controls.add,
-                    "converter_status": self.faults.add_status}
+                    "converter_status": self.faults.add_status, "inert_setting": self.inert.add_setting,
+                    "inert_readback": self.inert.add_readback, "orbit_feedback": self.feedback.add,
+                    "replay_marker": self.setpoints.add_replay_marker}
         by_signal = {"fault_add": self.faults.add_command, "fault_clear": self.faults.add_command,
                      "fault_list": self.faults.add_report, "fault_count": self.faults.add_report,
                      "snapshot_save": self.snapshots.add_command, "snapshot_restore": self.snapshots.add_command,
@@ -138,7 +149,9 @@ class Twin:
         """The physics worker is ready: the converters start at their setpoints as the records hold
         them, every record shows where it starts, and the first tick sends every output to the model."""
         self.supervisor.wait_ready()
+        self._start_in_operation(self.supervisor.worker.start)
         self.setpoints.start(self.supervisor.worker.kinds, self.config.realism.slew_rates)
+        self.feedback.start(self.supervisor.worker.steerers)
         self.run_time.bank = self.setpoints.bank
         self.controls.show()
         self.faults.show()
@@ -146,6 +159,16 @@ class Twin:
         self.versions.append({"event": "start", "machine": self.config.machine,
                               "seed": self.magnet_errors.settings.seed, "version": self.supervisor.version,
                               "beam_physics": self.beam_physics})
+
+    def _start_in_operation(self, start: StartSettings) -> None:
+        """A fresh twin in operation: the settings its correction found become the setpoints, as one
+        journal entry of source ``start``."""
+        if start.note:
+            log.info("start in operation: %s", start.note)
+        if start.settings:
+            self.setpoints.set_setpoints(start.settings, lambda: self.put_log.accepted(
+                "start", "", "operation", detail=start.note, setpoints=start.settings, source=START))
+            log.info("start in operation: %d converters set (steerers and tune knobs)", len(start.settings))
 
     # -- the tick -------------------------------------------------------------------------------
 
@@ -198,7 +221,16 @@ class Twin:
         with self.lock:
             self.beam.lifetime_h, _ = self.lifetime.now(self.equilibrium, self.beam.current)
             self.beam.advance(dt, holdable=step.state.stable)
-        self._publish(step)
+        self._follow_optics(step, errors)
+        self.feedback.tick(self._publish(step), now)
+
+    def _follow_optics(self, step: Step, errors) -> None:
+        """Give the feedback the orbit response the step brought, or tell it that the optics moved."""
+        kinds = self.supervisor.worker.kinds
+        if step.response is not None:
+            self.feedback.take_response(step.response)
+        elif errors is not None or any(kinds.get(d) in OPTICS_KINDS for d in step.applied):
+            self.feedback.optics_changed()
 
     def _follow_equilibrium(self, step: Step | None, errors) -> None:
         """Hand a new lattice to the equilibrium's worker; take its newest answer if one came."""
@@ -214,10 +246,13 @@ class Twin:
     def _step(self, moved: dict[str, float], errors) -> Step | None:
         """The model's step for the outputs that *moved* (the last state if nothing changed); None
         if the worker failed."""
-        if not (moved or errors or self.state is None):
-            return Step(self.state)
         quantities, fresh = self.supervisor.worker.quantities, self.supervisor.fresh
-        step = self.supervisor.step([Change(d, quantities[d], v) for d, v in moved.items()], errors)
+        if fresh:
+            self.feedback.optics_changed()  # a new worker: the response comes again with its first step
+        response = self.feedback.wants_response
+        if not (moved or errors or response or self.state is None):
+            return Step(self.state)
+        step = self.supervisor.step([Change(d, quantities[d], v) for d, v in moved.items()], errors, response)
         if step is None:
             return None
         if step.note:
@@ -236,14 +271,16 @@ class Twin:
     def _outputs(self) -> dict[str, float]:
         return {name: out.output for name, out in self.setpoints.bank.outputs.items()}
 
-    def _publish(self, step: Step) -> None:
+    def _publish(self, step: Step) -> Publication:
         """Setpoint alarms, readbacks, then the readings, as the BPMs and faults show them."""
         first, self.state = self.state is None, step.state
         self.setpoints.settled(step.applied)
         for device, reason in step.refused.items():
             self.setpoints.refuse(device, reason)
         self.publisher.publish_readbacks(self._outputs(), changed=bool(step.applied) or first)
-        self.publisher.publish(self._publication(step.state, self.beam.alive))
+        publication = self._publication(step.state, self.beam.alive)
+        self.publisher.publish(publication)
+        return publication
 
     def _publication(self, state: BeamState | None, alive: bool) -> Publication:
         reading = state
@@ -262,7 +299,9 @@ class Twin:
                            lifetime_source=source.replace("$(P)", self.config.prefix),
                            touschek_h=self.lifetime.touschek_h(self.equilibrium, self.beam.current),
                            gas_h=self.lifetime.gas_h,
-                           measured_lifetime_h=self.current_monitor.lifetimes_h(time.monotonic()))
+                           measured_lifetime_h=self.current_monitor.lifetimes_h(time.monotonic()),
+                           dose_per_lost_watt=self.config.dose_per_lost_watt,
+                           bpm_buffer_slots=self.tables.bpm_buffer_slots)
 
     def stop(self) -> None:
         self._stop.set()

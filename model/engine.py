@@ -327,6 +327,55 @@ class Engine:
         return (np.mod(tunes[0] - tunes[1] + 0.5, 1.0) - 0.5) / (2 * h)
 
 
+    # -- linear response ----------------------------------------------------------------------
+
+    def steerers(self) -> list[str]:
+        """The steering converters (horizontal, then vertical), in the converter table's order."""
+        return [c.name for kind in ("hsteerer", "vsteerer") for c in self.devices.of_kind(kind)]
+
+    def orbit_response(self, steerers: list[str] | None = None) -> np.ndarray:
+        """∂(BPM readings x then y, m)/∂(steerer current, A) of the current lattice at a fixed RF
+        frequency, from its linear optics (uncoupled):
+
+            R_ij = √(β_i β_j) cos(|φ_i − φ_j| − πQ) / (2 sin πQ)  −  η_i η_j / (α_c C)   (x)
+
+        the second term being the momentum shift a kick's path lengthening η_j θ_j makes at a fixed
+        RF frequency. A steerer's optics are the mean of its element's entrance and exit.
+        """
+        names = steerers or self.steerers()
+        windings = [(j, w) for j, name in enumerate(names) for w in self.devices.converters[name].windings
+                    if w.field in ("HKICK", "VKICK")]
+        kick_refs = np.array([w.element for _, w in windings], dtype=int)
+        refs = np.unique(np.concatenate([self._bpm_refs, kick_refs, kick_refs + 1, [len(self.ring)]]))
+        orbit = np.append(self._orbit_guess, 0.0)
+        _, ringdata, optics = self.ring.get_optics(refpts=refs, orbit=orbit, keep_lattice=True)
+        at_ref = {int(r): i for i, r in enumerate(refs)}
+        tune = ringdata.tune if np.all(np.isfinite(ringdata.tune)) else self._tune % 1.0
+        compaction = self._compaction(orbit)
+        bpm = np.array([at_ref[int(r)] for r in self._bpm_refs])
+        response = np.zeros((2 * len(self._bpm_refs), len(names)))
+        for j, w in windings:
+            plane = 0 if w.field == "HKICK" else 1
+            entrance, exit_ = at_ref[w.element], at_ref[w.element + 1]
+            beta_j = np.sqrt(optics.beta[entrance, plane] * optics.beta[exit_, plane])
+            phase_j = 0.5 * (optics.mu[entrance, plane] + optics.mu[exit_, plane])
+            q = tune[plane] + 0.0
+            column = (np.sqrt(optics.beta[bpm, plane] * beta_j) / (2 * math.sin(math.pi * q))
+                      * np.cos(np.abs(optics.mu[bpm, plane] - phase_j) - math.pi * q))
+            if plane == 0:
+                eta_j = 0.5 * (optics.dispersion[entrance, 0] + optics.dispersion[exit_, 0])
+                column -= optics.dispersion[bpm, 0] * eta_j / (compaction * self.circumference)
+            response[plane * len(bpm):(plane + 1) * len(bpm), j] += column * w.strength(1.0, self.rigidity)
+        return response
+
+    def _compaction(self, orbit: np.ndarray) -> float:
+        """α_c of the current lattice, from the one-turn map of the closed orbit *orbit*."""
+        out = self._track(_displaced(orbit[:5], 5, ORBIT_STEP), self._end_ref)[:, :, 0]
+        jacobian = _central_difference(out, 5, ORBIT_STEP)
+        dispersion = np.linalg.solve(np.eye(4) - jacobian[:4, :4], jacobian[:4, 4])
+        return float((jacobian[5, :4] @ dispersion + jacobian[5, 4]) / self.circumference)
+
+
 def build_engine(folder: Path, realism: Realism) -> Engine:
     """The engine of a machine as a twin with *realism* runs it: its aperture, its magnets misaligned."""
     tables = MachineTables(folder)

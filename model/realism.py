@@ -84,6 +84,13 @@ class Realism:
         """Slew per kind, or nothing (every output jumps) when ramping is off."""
         return dict(self.slew) if self.ramp else {}
 
+    def bpm_errors(self, bpm_names: list[str]) -> BpmErrors:
+        """The errors of the BPMs *bpm_names* this seed gives: drawn from their own stream, so the
+        same each time they are asked for."""
+        noise = np.array([self.bpm_noise_per_bpm.get(name, self.bpm_noise) for name in bpm_names])
+        return BpmErrors.draw(len(bpm_names), streams(self.seed)["bpm_errors"], self.bpm_offset, self.bpm_gain_error,
+                              self.bpm_roll, noise)
+
     @property
     def magnet_error_settings(self) -> MagnetErrorSettings:
         return MagnetErrorSettings(self.seed, self.quadrupole_offset, self.sextupole_offset, self.magnet_roll,
@@ -204,11 +211,13 @@ class BpmErrors:
         return cls(_normal(rng, offset, (2, n)), 1.0 + _normal(rng, gain, (2, n)), _normal(rng, roll, n),
                    np.broadcast_to(np.asarray(noise, dtype=float), (n,)).copy())
 
-    def read(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """What the BPMs show for a beam at (*x*, *y*): a fresh noise sample on every call."""
+    def read(self, x: np.ndarray, y: np.ndarray, rng: np.random.Generator | None = None,
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """What the BPMs show for a beam at (*x*, *y*): a fresh noise sample from *rng* on every
+        call (no noise without one: the mean reading)."""
         c, s = np.cos(self.roll), np.sin(self.roll)
         u, v = c * x + s * y, -s * x + c * y
-        noise = rng.normal(0.0, 1.0, (2, len(x))) * self.noise
+        noise = rng.normal(0.0, 1.0, (2, len(x))) * self.noise if rng is not None else np.zeros((2, len(x)))
         return (self.gain[0] * u + self.offset[0] + noise[0], self.gain[1] * v + self.offset[1] + noise[1])
 
 

@@ -2,7 +2,8 @@
 
 A machine's folder holds ``converters.csv`` (every settable device: name, kind, unit, default,
 limits, maximum step), ``magnets.csv`` (the magnets each converter drives, with their calibration),
-``bpms.csv`` (the BPMs in orbit-array order), ``pvs.csv`` (every PV the twin serves, the twin-only
+``bpms.csv`` (the BPMs in orbit-array order; optionally, ``buffer_slot``, the element of the machine's
+BPM buffer that holds each one's reading), ``pvs.csv`` (every PV the twin serves, the twin-only
 ones under ``$(P)``) and, where the machine has optics modes, ``optics.csv``. They are read here and
 nowhere else, without pyAT.
 """
@@ -72,6 +73,7 @@ class BpmRow:
     index: int  # position in the machine's orbit arrays
     name: str
     element: str
+    buffer_slot: int | None = None  # element of the machine's BPM buffer holding its x (optional column)
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,11 @@ def _number(text: str) -> float | None:
     return float(text) if text not in ("", None) else None
 
 
+def _slot(text: str | None) -> int | None:
+    """A BPM's buffer slot: none where the column is empty or the table has none."""
+    return int(text) if text not in ("", None) else None
+
+
 class MachineTables:
     """Everything ``db/<machine>/`` says about a machine, read once: converters, magnets, BPMs, PVs
     and optics modes, in table order."""
@@ -116,7 +123,8 @@ class MachineTables:
         self.converters = {c.name: c for c in converters}
         self.magnets = self._rows("magnets.csv", lambda r: MagnetRow(
             r["magnet"], r["element"], r["converter"], r["property"], float(r["calibration"]), r["cal_unit"]))
-        self.bpms = sorted(self._rows("bpms.csv", lambda r: BpmRow(int(r["index"]), r["name"], r["element"])),
+        self.bpms = sorted(self._rows("bpms.csv", lambda r: BpmRow(int(r["index"]), r["name"], r["element"],
+                                                                   _slot(r.get("buffer_slot")))),
                            key=lambda b: b.index)
         self._pv_rows = self._rows("pvs.csv", lambda r: {column: r[column] for column in PV_COLUMNS})
         self.optics: dict[str, dict[str, float]] = {}  # mode -> {converter: setting}; none without optics.csv
@@ -135,6 +143,12 @@ class MachineTables:
     @property
     def bpm_names(self) -> list[str]:
         return [b.name for b in self.bpms]
+
+    @property
+    def bpm_buffer_slots(self) -> tuple[int | None, ...] | None:
+        """The buffer slot of each BPM in orbit order (None: that BPM has none); None if no BPM has one."""
+        slots = tuple(b.buffer_slot for b in self.bpms)
+        return slots if any(s is not None for s in slots) else None
 
     def pvs(self, prefix: str) -> list[PvRow]:
         """Every row of ``pvs.csv``, with ``$(P)`` replaced by *prefix*."""

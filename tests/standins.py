@@ -65,8 +65,14 @@ class StandIns:
     def control_ao(self, row, on_update, accept):
         return self._keep(StandInRecord(row, 0.0, validate=accept, on_update=on_update))
 
-    def control_bo(self, row, on_update):
+    def control_bo(self, row, on_update, autosave=False):
         return self._keep(StandInRecord(row, 1, on_update=on_update))
+
+    def longout(self, row, on_update):
+        return self._keep(StandInRecord(row, int(float(row.initial or 0)), on_update=on_update))
+
+    def waveform_out(self, row, on_update, accept):
+        return self._keep(StandInRecord(row, [0.0] * int(row.nelm), validate=accept, on_update=on_update))
 
     def command(self, row, check, on_command):
         return self._keep(StandInRecord(row, "", validate=check, on_update=on_command))
@@ -82,11 +88,21 @@ class StandIns:
     def element_ai(self, row, source, index):
         return self._keep(StandInRecord(row, (source, index)))
 
+    def linked_ai(self, row, source):
+        return self._keep(StandInRecord(row, source))
+
+    def setting_ao(self, row, accept):
+        return self._keep(StandInRecord(row, float(row.initial or 0.0), validate=accept))
+
+    def setting_bo(self, row, accept):
+        states = row.description.split("/")
+        return self._keep(StandInRecord(row, states.index(row.initial) if row.initial else 0, validate=accept))
+
     def table_group(self, name, labels, columns):
         self.groups[name] = columns
 
     def __getattr__(self, kind: str):
-        """ai, longin, stringin, longstring, bi, mbbi, waveform: inputs the twin sets."""
+        """ai, longin, stringin, longstring, bi, mbbi, waveform, long_waveform: inputs the twin sets."""
         if kind.startswith("_"):
             raise AttributeError(kind)
         return lambda row: self._keep(StandInRecord(row, "" if "string" in kind else 0))

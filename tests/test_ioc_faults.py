@@ -210,7 +210,7 @@ def test_a_snapshot_carries_the_errors_into_a_twin_of_another_seed(tmp_path):
     from twinioc.ioc.testing import TwinProcess
 
     quiet = ["--set", "bpm.noise_um=0", "--set", "converters.ramp=false", "--set", "converters.readback_noise_ppm=0",
-             "--set", "beam.lifetime_h=inf"]
+             "--set", "beam.lifetime_h=inf", "--set", "orbit_feedback.enabled=false"]
     with TwinProcess("mls", "--seed", "3", *quiet, state_dir=tmp_path / "a") as first:
         ca_puts(first.client_env, [("HS1P1K1RP:setCur", 0.5), ("TWIN:SNAPSHOT:SAVE", "errors")])
         context = first.pva_context()

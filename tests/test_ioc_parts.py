@@ -167,8 +167,12 @@ def test_every_row_is_built_by_the_part_that_serves_its_signal(machine, tmp_path
 
 
 def test_an_unknown_or_mistyped_setting_is_refused_with_the_known_keys():
-    with pytest.raises(SettingsError, match=r"no setting 'start' \(known: machine, tables, prefix, rate_hz"):
+    with pytest.raises(SettingsError, match=r"no setting 'begin' \(known: machine, tables, prefix, rate_hz"):
+        Config.for_machine("mls", ["begin.state=x"])
+    with pytest.raises(SettingsError, match="start.state = 'x': it takes operation or commissioning"):
         Config.for_machine("mls", ["start.state=x"])
+    with pytest.raises(SettingsError, match=r"orbit_feedback.gain = 0.0: it must be in \(0, 1\]"):
+        Config.for_machine("mls", ["orbit_feedback.gain=0"])
     with pytest.raises(SettingsError, match=r"no setting 'beam.lifetme_h' \(known in beam: beam.current_mA"):
         Config.for_machine("mls", ["beam.lifetme_h=2"])
     with pytest.raises(SettingsError, match="rate_hz = 'fast': it takes a number"):

@@ -25,7 +25,8 @@ ARGS = ["--seed", str(SEED),
         "--set", "errors.roll_urad=0",
         "--set", f"errors.offsets_um.Q2M1K3RP=[{QUAD_OFFSET_UM[0]}, {QUAD_OFFSET_UM[1]}]",
         "--set", "bpm.offset_um=0", "--set", "bpm.gain_error=0", "--set", "bpm.roll_mrad=0",
-        "--set", "converters.slew_per_s.hsteerer=1.0", "--set", "beam.fill_rate_mA_per_s=50"]
+        "--set", "converters.slew_per_s.hsteerer=1.0", "--set", "beam.fill_rate_mA_per_s=50",
+        "--set", "start.state=commissioning", "--set", "orbit_feedback.enabled=false"]
 
 
 @pytest.fixture(scope="module")

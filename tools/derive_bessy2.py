@@ -212,6 +212,10 @@ def pv_rows(converters: list[dict], bpms: list[dict]) -> list[dict]:
     ]
     rows.append(pv_row("$(P)ORBIT:COLUMNS", "names", signal="table_columns", nelm=3,
                        description="column names of ORBITCC:rdBpm", source="twin only"))
+    rows += [pv_row("$(P)ORBIT:FEEDBACK", "bo", signal="feedback_switch", description="OFF/ON",
+                    source="twin only: the slow orbit feedback's real PVs are not public"),
+             pv_row("$(P)ORBIT:FEEDBACK:RUNNING", "ai", signal="feedback_status", prec=0,
+                    description="1 while the feedback corrects, else 0", source="twin only")]
     rows += beam_size_rows()
     return rows + twin_rows(rows, n)
 

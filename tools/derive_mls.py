@@ -10,7 +10,9 @@ What comes from where (details in each table's ``source`` column):
 * BPM positions: the mlsreflat element table (they agree with MML's mlsinit; the JSON's do not);
 * converters: mlsreflat's power-supply map (24 quadrupole, 7 sextupole, 2 octupole PCs), MML's
   steerer list and ranges, dt4acc's quadrupole and steerer factors;
-* optics modes: mlsreflat's strength tables, converted to converter currents.
+* optics modes: mlsreflat's strength tables, converted to converter currents;
+* betagui's names the twin lacked (``legacy_rows``): the BPM buffer's slots from betagui's decoding,
+  the dose monitor's calibration from the live snapshot, settings that drive nothing (``ioc/inert.py``).
 """
 
 from __future__ import annotations
@@ -18,10 +20,12 @@ from __future__ import annotations
 import csv
 import json
 import math
+import tomllib
 from pathlib import Path
 
 import at
-from derive_common import arguments, power_switch_row, pv_row, twin_rows
+from derive_common import ROOT, arguments, power_switch_row, pv_row, twin_rows
+from twinioc.ioc.signals import BPM_BUFFER_LENGTH, BPM_BUFFER_MM_PER_COUNT, BPM_BUFFER_Y_OFFSET
 from twinioc.model.lattice_io import write_lattice
 from twinioc.model.tables import write_csv
 
@@ -246,13 +250,35 @@ def converter_rows(ring: at.Lattice, magnets: list[dict], ref: Path) -> list[dic
 
 
 def bpm_rows(ring: at.Lattice, ref: Path) -> list[dict]:
-    """BPMs in MML's order (mlsinit), which starts with BPMZ1K1RP."""
+    """BPMs in MML's order (mlsinit), which starts with BPMZ1K1RP, with each one's slot in the BPM buffer."""
     channels = csv.DictReader((ref / "pvs" / "mls_mml_channel_names_DERIVED_from_mlsinit.csv").open())
     names = [r["element"] for r in channels if r["family"] == "BPMx/BPMy"]
     monitors = {e.FamName for e in ring if isinstance(e, at.Monitor)}
     if set(names) != monitors or len(names) != 28:
         raise ValueError("the MML BPM list and the lattice's monitors differ")
-    return [{"index": i, "name": n, "element": n, "source": "MML mlsinit BPM order"} for i, n in enumerate(names)]
+    slots = buffer_slots(ring)
+    source = (f"MML mlsinit BPM order; buffer_slot: 0-based element of {BPM_BUFFER} holding its x (betagui's "
+              f"decoding: 1-based slots 1-7, 9-15, 17-23, 25-31 in the order of s from {FIRST_BUFFER_BPM_S} m)")
+    return [{"index": i, "name": n, "element": n, "buffer_slot": slots[n], "source": source}
+            for i, n in enumerate(names)]
+
+
+BPM_BUFFER = "BPMZ1X003GP:rdBufBpm"
+FIRST_BUFFER_BPM_S = 1.2034  # m: betagui's list of the buffer's BPMs starts at this s
+BUFFER_GROUP, BUFFER_STRIDE = 7, 8  # betagui's slots: 7 BPMs (a quarter of the ring), then one slot left out
+
+
+def buffer_slots(ring: at.Lattice) -> dict[str, int]:
+    """The 0-based element of the BPM buffer that holds each BPM's x: the BPMs in the order of s,
+    in groups of 7 that start 8 elements apart."""
+    s = ring.get_s_pos(range(len(ring)))
+    by_s = sorted((float(s[i]), e.FamName) for i, e in enumerate(ring) if isinstance(e, at.Monitor))
+    if not math.isclose(by_s[0][0], FIRST_BUFFER_BPM_S, abs_tol=1e-4):
+        raise ValueError(f"the first BPM by s is at {by_s[0][0]} m, betagui's buffer list at {FIRST_BUFFER_BPM_S} m")
+    slots = {name: k // BUFFER_GROUP * BUFFER_STRIDE + k % BUFFER_GROUP for k, (_, name) in enumerate(by_s)}
+    if max(slots.values()) + BPM_BUFFER_Y_OFFSET >= BPM_BUFFER_LENGTH:
+        raise ValueError(f"the BPMs' slots do not fit into {BPM_BUFFER_LENGTH} elements")
+    return slots
 
 
 def optics_rows(ring: at.Lattice, magnets: list[dict], converters: list[dict], ref: Path) -> list[dict]:
@@ -287,7 +313,7 @@ def optics_rows(ring: at.Lattice, magnets: list[dict], converters: list[dict], r
     return rows
 
 
-def pv_rows(converters: list[dict], bpms: list[dict]) -> list[dict]:
+def pv_rows(converters: list[dict], bpms: list[dict], ref: Path) -> list[dict]:
     """The MLS PV table: real names as the control room spells them, twin PVs under $(P)."""
     mml = "MML mlsinit channel table"
     rows = []
@@ -341,6 +367,7 @@ def pv_rows(converters: list[dict], bpms: list[dict]) -> list[dict]:
         *beam_size_rows(),
         pv_row("ERMPCGP:rdRmp", "ai", signal="energy_mev", unit="MeV", prec=2, description="beam energy of the ramp",
                source=f"{inventory}; MeV as in the live snapshot (250)"),
+        *legacy_rows(converters, ref),
     ]
     return rows + twin_rows(rows, len(bpms), MODES)
 
@@ -362,6 +389,117 @@ def beam_size_rows() -> list[dict]:
             for monitor, bend in BEAM_SIZE_MONITORS.items() for plane in ("X", "Y")]
 
 
+# -- betagui's names that the twin lacked ------------------------------------------------------------
+# betagui (the MLS control room's chromaticity tool) uses 34 names; the cainfo inventory probed each.
+
+NO_EFFECT = "no effect on the beam"
+UNANSWERED = "not answered in the cainfo inventory (no type there)"
+
+
+def legacy_rows(converters: list[dict], ref: Path) -> list[dict]:
+    """The rows of betagui's names the twin serves besides its magnets, RF and beam readings."""
+    return [*inert_rows(converters), *diagnostic_rows(ref), *feedback_rows()]
+
+
+def inert_rows(converters: list[dict]) -> list[dict]:
+    """Settings betagui puts whose effect the twin does not model (``ioc/inert.py``): kept, autosaved, journaled."""
+    s2k = next(c for c in converters if c["name"] == "S2P2KRP")
+    rows = [pv_row("S2P2RP:setCur", "ao", "S2P2RP", "inert_setting", "A", 4, s2k["low"], s2k["high"], s2k["default"],
+                   description=f"S2P2 family setpoint; {NO_EFFECT}",
+                   source="cainfo inventory (DBF_DOUBLE, 1, read/write): the real gateway answers it, but the public "
+                          "power-supply map (mls_storage_ring_power_supplies.json) puts every S2 magnet on S2P1RP, "
+                          "S2P2KRP or S2P2LRP: a family PV left from before the split into K/L; betagui writes it in "
+                          "its secondary scan window. The twin keeps the value (autosaved, journaled, NaN/inf "
+                          f"refused), which drives no magnet: {NO_EFFECT}. Limits and initial value those of S2P2KRP "
+                          "(assumed)")]
+    rows += [pv_row(f"IGPF:{plane}:FBCTRL", "bo", f"IGPF:{plane}", "inert_setting", initial="ON", description="OFF/ON",
+                    source=f"{UNANSWERED}: the {name} bunch-by-bunch feedback (Dimtel iGp) on/off; betagui puts 0 to "
+                           "switch it off during a measurement and restores the value it read: a bo OFF/ON (DBF_ENUM) "
+                           "assumed, ON by default (assumed: a ring in user operation runs it); autosaved, journaled; "
+                           f"{NO_EFFECT} (the twin has no bunch-by-bunch feedback)")
+             for plane, name in (("X", "horizontal"), ("Y", "vertical"), ("Z", "longitudinal"))]
+    rows.append(pv_row("PAHRP:cmdExtPhasMod", "bo", "PAHRP", "inert_setting", initial="disabled",
+                       description="disabled/enabled",
+                       source=f"{UNANSWERED}: external RF phase modulation command; betagui puts the string "
+                              "'disabled' in its reset path, so an enum with a state 'disabled'; a bo (DBF_ENUM) "
+                              "with the other state 'enabled' assumed; disabled by default; autosaved, journaled; "
+                              f"{NO_EFFECT} (the twin models no RF phase modulation)"))
+    noise = "the white-noise generator that excites the beam for the tune measurement"
+    rows += [pv_row("$(P)WFGENC1CP:VOLT", "ao", "WFGENC1CP", "inert_setting", "V", 4, initial=0.011,
+                    description=f"white-noise level; {NO_EFFECT}",
+                    source=f"twin only: the setting of {noise}, whose real name is not public; 0.011 V as the live "
+                           "snapshot's WFGENC1CP:rdVolt reads (V assumed); autosaved, journaled, finite values only; "
+                           f"{NO_EFFECT} (the twin's tunes are computed, not measured from an excitation)"),
+             pv_row("WFGENC1CP:rdVolt", "ai", "WFGENC1CP", "inert_readback", "V", 4,
+                    description="white-noise generator level readback",
+                    source=f"cainfo inventory (DBF_DOUBLE, 1); betagui reads it: {noise}; reads back "
+                           f"$(P)WFGENC1CP:VOLT (V assumed; the live snapshot reads 0.011); {NO_EFFECT} in the twin")]
+    return rows
+
+
+def diagnostic_rows(ref: Path) -> list[dict]:
+    """Readings: the other synchrotron-tune source, the dose monitor, the BPM buffer."""
+    k, point = dose_calibration(ref)
+    return [
+        pv_row("JLC09VP", "ai", signal="tune_s_hz", unit="Hz", prec=1, description="Qs * f_rev",
+               source=f"{UNANSWERED}: betagui's commented-out alternative source of the synchrotron tune; DBF_DOUBLE "
+                      "in Hz like cumz4x003gp:tuneSyn assumed"),
+        pv_row("SEKRRP:rdDose", "ai", signal="dose_rate", prec=9, description="dose rate from the beam losses",
+               source=f"cainfo inventory (DBF_DOUBLE, 1); a dose-rate monitor, read as k x the beam power lost, "
+                      f"P = I / tau x E (W from A, s, V; tau the lifetime the current decays with now): assumed. "
+                      f"k = {k:.5g} per W ([beam] dose_per_lost_watt) from the live snapshot's one point, "
+                      f"{point}; the unit is not public (none given); 0 (MAJOR) without beam"),
+        pv_row(BPM_BUFFER, "long_waveform", signal="bpm_buffer", unit="counts", nelm=BPM_BUFFER_LENGTH,
+               description=f"BPM buffer: x, y in counts of {BPM_BUFFER_MM_PER_COUNT * 1e3:g} um",
+               source=f"cainfo inventory (DBF_LONG, {BPM_BUFFER_LENGTH}); betagui's (commented-out) decoding: the 28 "
+                      f"BPMs' x at the slots of bpms.csv's buffer_slot, mm = count x {BPM_BUFFER_MM_PER_COUNT} "
+                      f"(20/65536 to 7 digits); y at the same slots + {BPM_BUFFER_Y_OFFSET}: assumed; every other "
+                      "element 0 (their meaning is not public); from the same readings as :rdX/:rdY, INVALID "
+                      "without beam"),
+    ]
+
+
+SNAPSHOT_DOSE = ("SEKRRP:rdDose", "CUM1ZK3RP:measCur", "CUM1ZK3RP:rdLt100", "ERMPCGP:rdRmp")
+
+
+def dose_calibration(ref: Path) -> tuple[float, str]:
+    """k, the live snapshot's SEKRRP:rdDose over the beam power lost then, (I / tau) x E, and the point
+    it comes from; k must be the value of ``[beam] dose_per_lost_watt`` in startup/mls.toml."""
+    channels = json.loads((ref / "pvs" / "ssmb_machine_snapshot.json").read_text())["latest_monitor_sample"]
+    values = {c["pv"]: c["value"] for c in channels["channels"].values()}
+    dose, current_mA, lifetime_h, energy_MeV = (values[pv] for pv in SNAPSHOT_DOSE)
+    lost_W = current_mA * 1e-3 / (lifetime_h * 3600.0) * energy_MeV * 1e6
+    k = dose / lost_W
+    stated = tomllib.loads((ROOT / "startup" / "mls.toml").read_text())["beam"]["dose_per_lost_watt"]
+    if not math.isclose(stated, k, rel_tol=1e-4):
+        raise ValueError(f"startup/mls.toml: [beam] dose_per_lost_watt = {stated}, the snapshot gives {k:.5g}")
+    point = (f"SEKRRP:rdDose {dose:.5g} at CUM1ZK3RP:measCur {current_mA:.5g} mA, CUM1ZK3RP:rdLt100 "
+             f"{lifetime_h:.5g} h, ERMPCGP:rdRmp {energy_MeV:g} MeV: {lost_W:.5g} W lost")
+    return k, point
+
+
+def feedback_rows() -> list[dict]:
+    """The optics table and the slow orbit correction's run mode and status (``ioc/orbit_feedback.py``)."""
+    return [
+        pv_row("MLSOPCCP:actOptRmpTblSet", "mbbo", signal="optics_table", initial="user",
+               description="injection/user/ssmb/low_emittance/low_alpha",
+               source="DBF_ENUM in the inventory; the real state strings are not public; index 2 = SSMB as the live "
+                      "snapshot reads 2 in its SSMB mode; betagui guesses the maximum dispersion from the index (1: "
+                      "1.5 m, 3: 1 m, else 2 m), which matches the twin's optics (η max: user 1.39 m, injection "
+                      "1.30, low emittance 0.87, SSMB 1.86, low α 1.87 m), hence 1 = user, 3 = low emittance; 0 = "
+                      "injection and 4 = low α are assumed; tied both ways to $(P)OPTICS:MODE"),
+        pv_row("ORBITCCP:selRunMode", "longout", signal="feedback_run_mode", low=0, high=10, initial=0,
+               description="run mode of the slow orbit correction: 0 off, non-zero running",
+               source="DBF_LONG, written by betagui (0 during a measurement, restored from RMC00VP afterwards) and 0 "
+                      "in the live snapshot; the meaning of the non-zero modes is not public: every non-zero mode "
+                      "runs the twin's feedback"),
+        pv_row("RMC00VP", "ai", signal="feedback_status", prec=0,
+               description="status of the slow orbit correction: the run mode in effect, 0 when it is not correcting",
+               source="DBF_DOUBLE; betagui reads it to restore selRunMode, so it reads the run mode while the "
+                      "correction runs; 0.0 in the live snapshot with run mode 0"),
+    ]
+
+
 def main() -> None:
     args = arguments(__doc__, "mls")
     ref = args.reference
@@ -378,7 +516,7 @@ def main() -> None:
     write_csv(out / "magnets.csv", magnets)
     write_csv(out / "bpms.csv", bpms)
     write_csv(out / "optics.csv", optics_rows(ring, magnets, converters, ref))
-    write_csv(out / "pvs.csv", pv_rows(converters, bpms))
+    write_csv(out / "pvs.csv", pv_rows(converters, bpms, ref))
     print(f"{len(ring)} elements, {ring.circumference:.6f} m, {len(converters)} converters, "
           f"{len(magnets)} windings -> {out}")
 
