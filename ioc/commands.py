@@ -115,8 +115,9 @@ def show(args) -> int:
         many = f" [{len(entry['setpoints'])} setpoints]" if entry.get("setpoints") else ""
         detail = f"  ({entry['detail']})" if entry.get("detail") else ""
         version = entry.get("lattice_version")
-        print(f"{entry['time']}  {entry['seq']:>7}  {entry['outcome']:<8}  {entry['pv']}  {entry['old']} -> "
-              f"{entry['new']}{many}  v{version if version is not None else '-'}{detail}")
+        version = version if version is not None else "-"
+        print(f"{entry['time']}  {entry['seq']:>7}  {entry['outcome']:<8}  {entry.get('source', 'client'):<14}  "
+              f"{entry['pv']}  {entry['old']} -> {entry['new']}{many}  v{version}{detail}")
     return 0
 
 

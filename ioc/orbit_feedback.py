@@ -55,13 +55,14 @@ class FeedbackLogic:
         self._sum[:], self._count[:] = 0.0, 0.0
         self.status = f"on: {why}" if self.mode else "off"
 
+    def due(self, now: float) -> bool:
+        """Whether the feedback is on and a period has passed."""
+        return bool(self.mode) and now - self._last >= self.period_s
+
     def correct(self, now: float, setpoints: np.ndarray) -> np.ndarray | None:
         """The steerers' new setpoints when a period has passed and there is something to correct
         with; None otherwise."""
-        if not self.mode:
-            self.status = "off"
-            return None
-        if now - self._last < self.period_s:
+        if not self.due(now):
             return None
         if self.corrector is None:
             self.status = "on: waiting for the model's orbit response"
@@ -154,6 +155,7 @@ class OrbitFeedback:
             elif signal.startswith("orbit_reference_"):
                 plane, n = signal.endswith("_y"), len(self.logic.reference) // 2
                 self.logic.reference[plane * n:(plane + 1) * n] = np.asarray(records[0].get(), dtype=float) * 1e-3
+        self.logic.forget("starting")
         self.show()
 
     # -- the tick -------------------------------------------------------------------------------
@@ -185,8 +187,10 @@ class OrbitFeedback:
                 self.logic.forget("no beam")
             else:
                 self.logic.observe(reading.x, reading.y)
-            setpoints = np.array([self._desk.setpoints[s].get() for s in self._steerers])
-            new = self.logic.correct(now, setpoints)
+            new = None
+            if self.logic.due(now):
+                setpoints = np.array([self._desk.setpoints[s].get() for s in self._steerers])
+                new = self.logic.correct(now, setpoints)
         if new is not None:
             self._put(dict(zip(self._steerers, new.tolist(), strict=True)), setpoints)
         self.show()

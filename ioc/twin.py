@@ -7,6 +7,8 @@
 * ``controls.ControlPanel``: the twin's run-time controls (noise, lifetime, top-up, ramps);
 * ``fault_desk.FaultDesk``: ``$(P)FAULT:*``, a scenario's schedule, trips, the converter status;
 * ``snapshots.SnapshotDesk``: ``$(P)SNAPSHOT:*``, the twin's whole state by name;
+* ``orbit_feedback.OrbitFeedback``: the ring's slow orbit feedback (its switch, status and reference);
+* ``inert.InertDesk``: settings the twin keeps that drive nothing (legacy names);
 * ``put_log.PutLog``: the journal entry of every put;
 * ``publisher.Publisher``: readings and readbacks to records, with their alarms;
 * ``physics.Supervisor``: the physics worker, replaced when it dies or hangs.

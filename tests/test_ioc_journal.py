@@ -80,6 +80,7 @@ def test_a_thousand_puts_from_four_clients_are_journaled_in_order_and_replay_ont
     assert len(lines) == 1000 and len(journal.files(source_dir)) >= 3
     assert [e["seq"] for e in lines] == list(range(lines[0]["seq"], lines[0]["seq"] + 1000))
     assert all(e["outcome"] == "accepted" and e["time"] >= p["time"] for p, e in zip(lines, lines[1:], strict=False))
+    assert {e["source"] for e in lines} == {"client"}
     for puts in per_client:  # each client's puts, in the order it made them (its devices are its own)
         mine = {pv for pv, _ in puts}
         assert [(e["pv"], e["new"]) for e in lines if e["pv"] in mine] == puts
@@ -95,6 +96,8 @@ def test_a_thousand_puts_from_four_clients_are_journaled_in_order_and_replay_ont
         assert "sent 1000 of 1000" in done.stdout
         context = fresh.pva_context()
         assert setpoints(context, devices) == final
+        replayed = [e for e in journal.entries(tmp_path / "fresh") if e["command"] == "set"]
+        assert len(replayed) == 1000 and {e["source"] for e in replayed} == {"replay"}  # the replay said so
         # the same orbit, to a nanometre (mm)
         np.testing.assert_allclose(settled_orbit(context), orbit, rtol=0, atol=1e-6)
 

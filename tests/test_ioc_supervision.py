@@ -162,12 +162,12 @@ def test_a_table_row_with_an_unknown_signal_is_refused_at_start_naming_the_row(t
 def test_an_unknown_setting_is_refused_at_start_with_the_known_keys(tmp_path, where):
     _, config = machine_copy(tmp_path)
     if where == "startup file":
-        config.write_text(config.read_text() + '[start]\nstate = "x"\n')
+        config.write_text(config.read_text() + '[begin]\nstate = "x"\n')
         done = start(tmp_path, "--config", str(config))
     else:
-        done = start(tmp_path, "--machine", "mls", "--set", "start.state=x")
+        done = start(tmp_path, "--machine", "mls", "--set", "begin.state=x")
     assert done.returncode != 0
-    assert "twinioc: bad setting: no setting 'start' (known: machine, tables, prefix, rate_hz, seed" in done.stderr
+    assert "twinioc: bad setting: no setting 'begin' (known: machine, tables, prefix, rate_hz, seed" in done.stderr
 
 
 def test_a_first_start_says_only_what_the_twin_has_to_say(bessy2_ioc, mls_ioc):
