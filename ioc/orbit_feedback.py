@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 
 import numpy as np
 from twinioc.model.correction import CorrectionSettings, OrbitCorrector
@@ -98,6 +99,8 @@ class OrbitFeedback:
         self._switch_pv = ""
         self._records: dict[str, list] = {}  # signal -> its records
         self._steerers: list[str] = []
+        self._stale = True  # the optics changed since the last response (or there is none)
+        self._asked = -math.inf  # monotonic time a response was last asked for
 
     # -- records --------------------------------------------------------------------------------
 
@@ -160,9 +163,15 @@ class OrbitFeedback:
 
     # -- the tick -------------------------------------------------------------------------------
 
-    @property
-    def wants_response(self) -> bool:
-        return bool(self.logic.mode) and self.logic.corrector is None
+    def asks_response(self) -> bool:
+        """Whether the next step should bring the orbit response: the feedback is on and the optics
+        changed since the last one, asked at most once a period (while quadrupoles ramp, the last
+        response stands in: a period's change of the optics hardly moves it)."""
+        now = time.monotonic()
+        if not (self.logic.mode and self._stale and now - self._asked >= self.logic.period_s):
+            return False
+        self._asked = now
+        return True
 
     def take_response(self, response: np.ndarray) -> None:
         """The model's orbit response (m/A, the steerers' order) at the optics of the moment."""
@@ -172,12 +181,11 @@ class OrbitFeedback:
         steps = np.array([self._max_step.get(s, math.inf) for s in self._steerers])
         with self._lock:
             self.logic.corrector = OrbitCorrector(self._steerers, response, low, high, steps, self.logic.settings)
+        self._stale = False
 
     def optics_changed(self) -> None:
-        """The response no longer holds: the next step brings a new one."""
-        with self._lock:
-            self.logic.corrector = None
-            self.logic.forget("waiting for the model's orbit response")
+        """The response no longer holds exactly: a step within a period brings a new one."""
+        self._stale = True
 
     def tick(self, publication: Publication, now: float) -> None:
         """Take this tick's readings; at the end of a period, put the correction."""

@@ -251,7 +251,7 @@ class Twin:
         quantities, fresh = self.supervisor.worker.quantities, self.supervisor.fresh
         if fresh:
             self.feedback.optics_changed()  # a new worker: the response comes again with its first step
-        response = self.feedback.wants_response
+        response = self.feedback.asks_response()
         if not (moved or errors or response or self.state is None):
             return Step(self.state)
         step = self.supervisor.step([Change(d, quantities[d], v) for d, v in moved.items()], errors, response)
