@@ -193,6 +193,16 @@ def steerer_setpoint(image: Image, machine: str) -> str:
                     if row["device"] == steerer and row["signal"] == "setpoint")
 
 
+def feedback_switch(image: Image, machine: str) -> str:
+    """The PV that switches the machine's slow orbit feedback (a real name, or the twin's own)."""
+    import csv
+
+    with (image.workdir / "db" / machine / "pvs.csv").open() as table:
+        pv = next(row["pv"] for row in csv.DictReader(table)
+                  if row["signal"] in ("feedback_run_mode", "feedback_switch"))
+    return pv.replace("$(P)", "TWIN:")
+
+
 def check_machine(image: Image, machine: str, args: list[str] | None, log: Path) -> None:
     network = loopback_env()
     process = image.start(args, network, log)
@@ -205,7 +215,9 @@ def check_machine(image: Image, machine: str, args: list[str] | None, log: Path)
                 fail(f"{machine}: never healthy; log:\n{log.read_text()[-3000:]}")
             time.sleep(1)
         print(f"   {machine}: healthy {time.monotonic() - started:.1f} s after the start")
-        setpoint = steerer_setpoint(image, machine)
+        setpoint, switch = steerer_setpoint(image, machine), feedback_switch(image, machine)
+        image.client(network, "put", switch, "0")  # as an operator does before steering by hand
+        time.sleep(1.5)  # a correction under way ends
         value = float(image.client(network, "get", setpoint).split()[-1]) + 0.125
         image.client(network, "put", setpoint, repr(value))
         over_pva = float(image.client(network, "get", "--pva", setpoint).split()[-1])
@@ -228,6 +240,8 @@ def check_machine(image: Image, machine: str, args: list[str] | None, log: Path)
         if again != value:
             fail(f"{machine}: {setpoint} was {value} before the restart and is {again} after it")
         print(f"   {machine}: after a restart on the same volume {setpoint} = {again}")
+        if image.client(network, "get", switch).split()[-1] not in ("0", "OFF"):
+            fail(f"{machine}: the orbit feedback, switched off ({switch} = 0), is on again after the restart")
     finally:
         stop(process)
 
