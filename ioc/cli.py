@@ -6,6 +6,10 @@
     twinioc journal show|replay          read the journal of puts, replay it (twinioc journal -h)
     twinioc snapshot save|restore|list NAME
                                          the twin's whole state, by name (twinioc snapshot -h)
+    twinioc web --machine mls [--port 8080]
+                                         the measurement service: REST API over EPICS (twinioc web -h)
+    twinioc measure KIND --machine mls ...
+                                         one measurement (bba, orm, ...), its result as JSON
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from twinioc.studies import cli as studies
+
 from . import client, commands, serve
 
-SUBCOMMANDS = ("run", "get", "put", "monitor", "journal", "snapshot")
+SUBCOMMANDS = ("run", "get", "put", "monitor", "journal", "snapshot", "web", "measure")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,6 +36,7 @@ def parser() -> argparse.ArgumentParser:
     serve.add_arguments(run)
     client.add_commands(subcommands)
     commands.add_commands(subcommands)
+    studies.add_commands(subcommands)
     return top
 
 
