@@ -23,10 +23,10 @@ RUN make install
 ENV PATH=/home/twin/twinioc/.venv/bin:$PATH
 RUN mkdir -p var
 VOLUME /home/twin/twinioc/var
-# CA server (tcp, and udp name searches), CA repeater, PVA server (tcp), PVA searches (udp), and the
-# measurement service's HTTP port, for `docker run ... --entrypoint twinioc twinioc web --machine mls
-# --bind 0.0.0.0 --token T` beside a twin (off loopback it needs the token)
-EXPOSE 5064/tcp 5064/udp 5065/udp 5075/tcp 5076/udp 8080/tcp
+# CA server (tcp, and udp name searches), CA repeater, PVA server (tcp), PVA searches (udp). The
+# measurement service runs from the same image on a port of your choosing, with a token off loopback:
+# `docker run -p 8080:8080 --entrypoint twinioc twinioc web --machine mls --bind 0.0.0.0 --token T`.
+EXPOSE 5064/tcp 5064/udp 5065/udp 5075/tcp 5076/udp
 
 # Healthy: a Channel Access read of the publication counter answers, over loopback only.
 HEALTHCHECK --interval=10s --timeout=8s --start-period=30s --retries=3 \

@@ -126,12 +126,23 @@ class MoveRefused(ValueError):
 
 @dataclass
 class Restorer:
-    """The setpoints a plan changed, with their values before the first change; ``restore`` puts them back."""
+    """The setpoints a plan changed, with their values before the first change; ``restore`` puts them back.
+    It also remembers the orbit feedback's mode before the plan switched it off (the plan switches it
+    back itself), so that what it tells *on_record* is everything a crashed plan leaves to undo."""
 
     envelope: Envelope | None = None
-    on_record: Callable[[dict[str, float]], None] | None = None  # told the originals whenever one is added
+    on_record: Callable[[dict], None] | None = None  # told {"setpoints": ..., "feedback": ...} on each change
     original: dict[str, float] = field(default_factory=dict)
     devices: dict[str, PowerConverter] = field(default_factory=dict)
+    feedback: int | bool | None = None
+
+    def saved(self) -> dict:
+        return {"setpoints": dict(self.original), "feedback": self.feedback}
+
+    def remember_feedback(self, mode: int | bool) -> None:
+        self.feedback = mode
+        if self.on_record:
+            self.on_record(self.saved())
 
     def move(self, targets: dict[PowerConverter, float]):
         """Plan: move converters together (each waits for its readback), remembering where they were."""
@@ -142,7 +153,7 @@ class Restorer:
             if device.name not in self.original:
                 self.original[device.name], self.devices[device.name] = float(value), device
                 if self.on_record:
-                    self.on_record(dict(self.original))
+                    self.on_record(self.saved())
         moves = {d: (present[d.name], float(v)) for d, v in targets.items() if float(v) != present[d.name]}
         if moves:  # a converter already there gets no put
             yield from self._walk(moves)

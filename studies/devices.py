@@ -27,6 +27,7 @@ from ophyd_async.core import (
     StandardReadable,
     StandardReadableFormat,
     soft_signal_r_and_setter,
+    wait_for_value,
 )
 from ophyd_async.epics.core import epics_signal_r, epics_signal_rw
 
@@ -88,15 +89,12 @@ class ConverterMove:
             await setpoint.set(value, timeout=10.0)
         except Exception as err:  # a refused put: the IOC says why in its alarm; the message here
             raise MoveFailed(f"{self.name}: put of {value:g} failed: {err}") from err
-        deadline = time.monotonic() + self.timeout(value - before)
-        while True:
+        allowed = self.timeout(value - before)
+        try:  # on the readback's monitor: each update is looked at, none waited for longer than it takes
+            await wait_for_value(readback, lambda now: abs(now - value) <= self.tolerance, timeout=allowed)
+        except TimeoutError:
             now = await readback.get_value(cached=False)
-            if abs(now - value) <= self.tolerance:
-                return
-            if time.monotonic() > deadline:
-                raise MoveFailed(f"{self.name}: readback {now:g} did not reach {value:g} in "
-                                 f"{self.timeout(value - before):.0f} s")
-            await asyncio.sleep(0.02)
+            raise MoveFailed(f"{self.name}: readback {now:g} did not reach {value:g} in {allowed:.0f} s") from None
 
 
 class PowerConverter(StandardReadable, Movable):

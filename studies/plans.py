@@ -51,6 +51,7 @@ def _feedback_paused(ctx: PlanContext, plan):
 
     def body():
         if mode:
+            ctx.restorer.remember_feedback(mode)
             yield from bps.mv(feedback.mode, type(mode)(0))
             deadline = time.monotonic() + 10.0
             while (yield from bps.rd(feedback.status)) and time.monotonic() < deadline:
@@ -64,7 +65,7 @@ def _feedback_paused(ctx: PlanContext, plan):
     return (yield from bpp.finalize_wrapper(body(), back()))
 
 
-def measurement(ctx: PlanContext, kind: str, params: dict, body, keep_changes: bool = False, md: dict | None = None):
+def measurement(ctx: PlanContext, kind: str, params: dict, body, keep_changes: bool = False):
     """Plan: *body(ctx, analysis)* in one run, feedback paused, setpoints put back; returns the Analysis.
     With *keep_changes* the setpoints stay where a successful body left them."""
     analysis = an.Analysis(kind, dict(params))
@@ -84,7 +85,7 @@ def measurement(ctx: PlanContext, kind: str, params: dict, body, keep_changes: b
         if not (keep_changes and succeeded):
             yield from ctx.restorer.restore()
 
-    start_md = {"kind": kind, "params": an.plain(params), "provenance": analysis.provenance} | (md or {})
+    start_md = {"kind": kind, "params": an.plain(params), "provenance": analysis.provenance}
     measured = bpp.run_wrapper(bpp.finalize_wrapper(run(), restore()), md=start_md)
     yield from _feedback_paused(ctx, measured)
     analysis.provenance["finished"] = _now()

@@ -18,6 +18,7 @@ import traceback
 from concurrent.futures import Future
 from pathlib import Path
 
+import bluesky.plan_stubs as bps
 import numpy as np
 from aioca import caget
 from bluesky import RunEngine
@@ -128,26 +129,30 @@ class MeasurementService:
     def _recover(self) -> None:
         """Put back what a run that died with the service left, and queue again what was queued."""
         for record in self.records.list(status="running"):
-            restore = record.get("restore") or {}
+            saved = record.get("restore") or {}
             note = "the service stopped during the run"
-            if restore:
-                ctx = PlanContext(self.instruments, Restorer())
-                for name, value in restore.items():
-                    ctx.restorer.original[name] = value
-                    ctx.restorer.devices[name] = ctx.converter(name)
+            if saved.get("setpoints") or saved.get("feedback"):
                 try:
-                    self.engine(self._connected(ctx, ctx.restorer.restore()))
-                    note += f"; its setpoints were put back ({len(restore)} converters)"
+                    self.engine(self._put_back(saved))
+                    note += (f"; its setpoints were put back ({len(saved.get('setpoints') or {})} converters"
+                             f"{', and the orbit feedback' if saved.get('feedback') else ''})")
                 except Exception as err:  # noqa: BLE001 - say so; the record keeps what to restore
                     note += f"; putting its setpoints back failed: {err}"
             self.records.update(record["id"], status="failed", finished=now(), error=note)
         for record in self.records.list(status="queued"):
             self._queue.put(record["id"])
 
-    @staticmethod
-    def _connected(ctx: PlanContext, plan):
+    def _put_back(self, saved: dict):
+        """Plan: the setpoints a dead run had changed back to their values before, then its feedback mode."""
+        ctx = PlanContext(self.instruments, Restorer())
+        for name, value in (saved.get("setpoints") or {}).items():
+            ctx.restorer.original[name], ctx.restorer.devices[name] = value, ctx.converter(name)
         yield from ctx.instruments.connect(*ctx.restorer.devices.values())
-        yield from plan
+        yield from ctx.restorer.restore()
+        feedback = ctx.instruments.feedback
+        if saved.get("feedback") and feedback is not None:
+            yield from ctx.instruments.connect(feedback)
+            yield from bps.mv(feedback.mode, saved["feedback"])
 
     def _work(self) -> None:
         while True:
@@ -169,7 +174,7 @@ class MeasurementService:
         record = self.records.get(id)
         ctx = PlanContext(self.instruments, Restorer(
             envelope=None if self.is_twin() else Envelope.of(self.layout),
-            on_record=lambda original: self.records.update(id, restore=original)),
+            on_record=lambda saved: self.records.update(id, restore=saved)),
             progress=lambda fraction: self.records.update(id, progress=round(float(fraction), 4)))
         produced = {}
 

@@ -69,8 +69,12 @@ def test_a_target_that_is_not_a_twin_is_refused_unless_allowed_and_then_envelope
 
 
 def test_a_service_killed_during_a_plan_puts_its_setpoints_back_when_it_starts_again(mls, twins, tmp_path):
+    """And the orbit feedback, which the plan had switched off, runs again."""
+    import epics
+
     names = [c.name for kind in ("hsteerer", "vsteerer") for c in mls.devices.of_kind(kind)]
     before = {n: caget(f"{n}:setCur") for n in names}
+    assert epics.caput("ORBITCCP:selRunMode", 1, wait=True, timeout=5) == 1
     web = WebProcess("mls", epics_env(), tmp_path, MLS_PREFIX).start()
     try:
         with web.client() as client:
@@ -82,9 +86,13 @@ def test_a_service_killed_during_a_plan_puts_its_setpoints_back_when_it_starts_a
         web.process.wait()
         moved = [n for n in names if caget(f"{n}:setCur", use_monitor=False) != before[n]]
         assert moved, "the plan had a steerer out when it was killed"
+        assert caget("ORBITCCP:selRunMode", use_monitor=False) == 0
         with WebProcess("mls", epics_env(), tmp_path, MLS_PREFIX) as again, again.client() as client:
             record = client.get(f"/api/measurements/{id}").json()
-        assert record["status"] == "failed" and "put back" in record["error"], record
-        assert {n: caget(f"{n}:setCur", use_monitor=False) for n in names} == pytest.approx(before, abs=1e-9)
+        assert record["status"] == "failed" and "put back" in record["error"] and "feedback" in record["error"]
+        assert caget("ORBITCCP:selRunMode", use_monitor=False) == 1
+        # the feedback runs again, on an ideal ring whose orbit is zero: it moves nothing measurable
+        assert {n: caget(f"{n}:setCur", use_monitor=False) for n in names} == pytest.approx(before, abs=1e-6)
     finally:
         web.stop()
+        epics.caput("ORBITCCP:selRunMode", 0, wait=True, timeout=5)

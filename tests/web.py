@@ -3,14 +3,29 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import httpx
 from twinioc.ioc.testing import free_port
+
+_EMPTY_CATALOG: list[Path] = []
+
+
+def empty_catalog() -> Path:
+    """An empty tiled catalog, made once per test session (``tiled catalog init`` is a subprocess of a
+    few seconds): a fresh state folder starts from a copy of it, as it would start from its own."""
+    if not _EMPTY_CATALOG:
+        folder = Path(tempfile.mkdtemp(prefix="twinioc-tiled-"))
+        subprocess.run([sys.executable, "-m", "tiled", "catalog", "init", str(folder / "catalog.db")],
+                       check=True, capture_output=True, timeout=120)
+        _EMPTY_CATALOG.append(folder / "catalog.db")
+    return _EMPTY_CATALOG[0]
 
 
 class WebProcess:
@@ -32,6 +47,10 @@ class WebProcess:
     def start(self) -> WebProcess:
         env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")} | self.env
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        catalog = self.state_dir / "tiled" / "catalog.db"
+        if not catalog.exists():
+            catalog.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(empty_catalog(), catalog)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(self.command(), env=env, stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)

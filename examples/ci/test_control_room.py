@@ -47,6 +47,8 @@ def test_the_session_twin_answers_the_machine_names(twin_session):
 
 @pytest.mark.twin(machine="mls", seed=5, set={"bpm.noise_um": 0})
 def test_a_horizontal_bump_moves_the_horizontal_orbit_only(twin):
+    # the ring's slow orbit feedback would take the bump out again: off, as a control-room script does
+    assert epics.caput("ORBITCCP:selRunMode", 0, wait=True, timeout=5) == 1
     orbit_x, orbit_y, updates = twin.pv("ORBIT:TRUE:X"), twin.pv("ORBIT:TRUE:Y"), twin.pv("UPDATES")
     before_x, before_y = orbit_after(orbit_x, updates), orbit_after(orbit_y, updates)
     bump("HS1P1K1RP", 0.5)
