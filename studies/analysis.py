@@ -71,6 +71,23 @@ def bba_zero_crossing(positions_mm: np.ndarray, responses_mm: np.ndarray) -> dic
     return {"centre_mm": centre, "sigma_mm": sigma, "size_mm": size, "slope": slope, "intercept_mm": intercept}
 
 
+def odd_point(offsets, *readings, floor_mm: float = 0.01, factor: float = 8.0) -> int | None:
+    """The index of the one point whose reading lies off the straight line through the others (by more
+    than *factor* times their scatter and *floor_mm*), in any of *readings* against *offsets*; None."""
+    offsets = np.asarray(offsets, float)
+    worst, index = 0.0, None
+    for values in readings:
+        values = np.asarray(values, float)
+        for k in range(len(offsets)):
+            others = np.arange(len(offsets)) != k
+            slope, intercept, _ = line_fit(offsets[others], values[others])
+            scatter = np.std(values[others] - (slope * offsets[others] + intercept))
+            miss = abs(values[k] - (slope * offsets[k] + intercept))
+            if miss > max(floor_mm, factor * scatter) and miss > worst:
+                worst, index = miss, k
+    return index
+
+
 def response_columns(deltas_mm: np.ndarray, steps: np.ndarray) -> np.ndarray:
     """Response (mm per unit) from orbit changes *deltas_mm* (one row per step) of *steps* (units)."""
     return (np.asarray(deltas_mm, float) / np.asarray(steps, float)[:, None]).T

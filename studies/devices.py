@@ -130,20 +130,25 @@ class PowerConverter(StandardReadable, Movable):
 class FreshSampler:
     """Readings of several signals taken after a moment, averaged.
 
-    On a twin, its publication counter (``<prefix>UPDATES``, posted after the readings of the same
-    publication) marks each new set of readings; the first one after the trigger is skipped, as it may
-    have been computed before. Without a counter (the real machine) a sample is complete when every
-    signal has updated since the last one, or has been quiet for *quiet_s* (a value that does not
-    change is not posted again).
+    The first reading must be stamped (by the IOC) after the trigger: the readback of what the plan
+    changed had arrived by then, and the machine's readings of the same moment or later show the
+    change. Channel Access orders the updates of one channel, not those of several: under load a
+    server may send a counter before the readings posted just before it. So the time stamps decide,
+    not the order of arrival. A value that does not change is not posted again: on a twin, whose
+    publication counter (``<prefix>UPDATES``) moves on every publication, a reading that has not
+    moved for *settled_beats* publications after the trigger is taken as it stands; on the machine,
+    one that has been quiet for *quiet_s*. The later readings are the next publications (on a twin)
+    or the next updates of every signal (on the machine); they average the noise.
     """
 
     def __init__(self, sources: Sequence[SignalR], heartbeat: SignalR | None, ledger: WaitLedger,
-                 quiet_s: float = 2.0, timeout_s: float = 30.0):
+                 quiet_s: float = 2.0, timeout_s: float = 30.0, settled_beats: int = 5):
         self.sources, self.heartbeat, self.ledger = list(sources), heartbeat, ledger
-        self.quiet_s, self.timeout_s = quiet_s, timeout_s
+        self.quiet_s, self.timeout_s, self.settled_beats = quiet_s, timeout_s, settled_beats
         self._latest: list = [None] * len(self.sources)
+        self._stamps = np.full(len(self.sources), -math.inf)
         self._severity = [0] * len(self.sources)
-        self._counts = [0] * len(self.sources)
+        self._counts = np.zeros(len(self.sources), dtype=int)
         self._beats = 0
         self._changed = asyncio.Event()
         self._subscribed = False
@@ -158,6 +163,7 @@ class FreshSampler:
     def _update(self, i: int, reading: dict) -> None:
         (value,) = reading.values()
         self._latest[i] = np.asarray(value["value"], dtype=float)
+        self._stamps[i] = float(value.get("timestamp", time.time()))
         self._severity[i] = int(value.get("alarm_severity", 0))
         self._counts[i] += 1
         self._changed.set()
@@ -177,15 +183,27 @@ class FreshSampler:
             except TimeoutError:
                 pass
 
-    async def _one(self, skip: int) -> list[np.ndarray]:
-        deadline = time.monotonic() + self.timeout_s
+    def _settled(self, beats: int, since: float, beats_needed: int) -> bool:
+        """Whether a signal that has not moved may be taken as it stands."""
         if self.heartbeat is not None:
-            target = self._beats + 1 + skip
-            await self._until(lambda: self._beats >= target, deadline)
+            return self._beats - beats >= beats_needed
+        return time.monotonic() - since > self.quiet_s
+
+    async def _first(self, after: float, deadline: float) -> None:
+        """Until every signal is stamped *after*, or the rest have not moved meanwhile."""
+        beats, since = self._beats, time.monotonic()
+        await self._until(lambda: bool(np.all(self._stamps >= after))
+                          or self._settled(beats, since, self.settled_beats), deadline)
+
+    async def _next(self, deadline: float) -> None:
+        """Until the next publication (a twin), or every signal's next update (the machine)."""
+        beats, counts, since = self._beats, self._counts.copy(), time.monotonic()
+        if self.heartbeat is not None:
+            await self._until(lambda: self._beats > beats, deadline)
         else:
-            counts, since = list(self._counts), time.monotonic()
-            await self._until(lambda: all(now > then for now, then in zip(self._counts, counts, strict=True))
-                              or time.monotonic() - since > self.quiet_s, deadline)
+            await self._until(lambda: bool(np.all(self._counts > counts)) or self._settled(beats, since, 1), deadline)
+
+    def _taken(self) -> list[np.ndarray]:
         if max(self._severity) >= INVALID:
             raise BeamLost("the readings are INVALID (no beam)")
         return [value.copy() for value in self._latest]
@@ -202,9 +220,13 @@ class FreshSampler:
     async def _sample(self, samples: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         if not self._subscribed:
             self._subscribe()
-        deadline = time.monotonic() + self.timeout_s
+        after, deadline = time.time(), time.monotonic() + self.timeout_s
         await self._until(lambda: all(v is not None for v in self._latest), deadline)
-        taken = [await self._one(skip=1 if k == 0 else 0) for k in range(max(1, samples))]
+        await self._first(after, deadline)
+        taken = [self._taken()]
+        for _ in range(max(1, samples) - 1):
+            await self._next(deadline)
+            taken.append(self._taken())
         stacked = [np.array([t[i] for t in taken]) for i in range(len(self.sources))]
         n = len(taken)
         return ([s.mean(axis=0) for s in stacked],

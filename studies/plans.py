@@ -165,18 +165,33 @@ def _bba_scan(ctx: PlanContext, p: dict, plane: str, quad_device, current: float
     names, column = ctx.instruments.orbit.bpm_names, PLANE_COLUMN[plane]
     scan = {"bump": bump, "across": across, "step": step, "offsets": np.linspace(-p["span_mm"], p["span_mm"],
                                                                                  p["steps"]),
-            "positions": [], "positions_across": [], "responses": []}
-    for k, offset in enumerate(scan["offsets"]):
+            "positions": [], "positions_across": [], "responses": [], "repeated": []}
+
+    def point(offset: float):
+        """Plan: the beam at *offset*, the orbit before and after the quadrupole's step."""
         yield from ctx.restorer.move({s: origin[s] + a * offset for s, a in zip(steerers, bump.amps_per_mm,
                                                                                    strict=True)})
         before = yield from read_orbit(ctx, f"bba_{plane}", steerers + [quad_device])
         yield from ctx.restorer.move({quad_device: current + step})
         after = yield from read_orbit(ctx, f"bba_{plane}", steerers + [quad_device])
         yield from ctx.restorer.move({quad_device: current})
-        scan["positions"].append(before[column][names.index(bump.bpm)])
-        scan["positions_across"].append(before[column][names.index(across)])
-        scan["responses"].append(after[column] - before[column])
+        return (before[column][names.index(bump.bpm)], before[column][names.index(across)],
+                after[column] - before[column])
+
+    taken = []
+    for k, offset in enumerate(scan["offsets"]):
+        taken.append((yield from point(offset)))
         progress((k + 1) / len(scan["offsets"]))
+    # a point off the line the others make (the beam disturbed while it was taken) is taken once more
+    sizes = an.bba_zero_crossing(np.array([t[0] for t in taken]), np.array([t[2] for t in taken]))["size_mm"]
+    odd = an.odd_point(scan["offsets"], [t[0] for t in taken], [t[1] for t in taken], sizes)
+    if odd is not None:
+        taken[odd] = yield from point(scan["offsets"][odd])
+        scan["repeated"].append(int(odd))
+    for position, position_across, response in taken:
+        scan["positions"].append(position)
+        scan["positions_across"].append(position_across)
+        scan["responses"].append(response)
     yield from ctx.restorer.move(origin)
     return scan
 
@@ -195,7 +210,7 @@ def _bba_centre(engine, quadrupole: str, plane: str, scan: dict) -> dict:
     raw = {"positions_mm": scan["positions"], "positions_across_mm": scan["positions_across"],
            "response_size_mm": fit["size_mm"], "fit_slope": fit["slope"], "fit_intercept_mm": fit["intercept_mm"],
            "crossing_across_mm": crossing[across] * 1e3, "steerer_A_per_mm": list(bump.amps_per_mm),
-           "bump_offsets_mm": scan["offsets"]}
+           "bump_offsets_mm": scan["offsets"], "points_repeated": scan["repeated"]}
     return {"quad_step_A": scan["step"], "offset_um": centre * 1e6, "crossing_um": fit["centre_mm"] * 1e3,
             "sigma_um": fit["sigma_mm"] * 1e3 * abs(shifted - centre) / 1e-6, "raw": raw}
 

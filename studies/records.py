@@ -76,9 +76,12 @@ class MeasurementRecords:
             raise KeyError(id)
         return found[0]
 
-    def list(self, kind: str | None = None, since: str | None = None, status: str | None = None) -> list[dict]:
+    def list(self, kind: str | None = None, since: str | None = None, status: str | None = None,
+             device: str | None = None) -> list[dict]:
+        """The records of a *kind*, created *since* (ISO, UTC), of a *status*, that set a *device*."""
         clauses, args = [], []
-        for column, op, value in (("kind", "=", kind), ("created", ">=", since), ("status", "=", status)):
+        for column, op, value in (("kind", "=", kind), ("created", ">=", since), ("status", "=", status),
+                                  ("devices", "LIKE", None if device is None else f'%{json.dumps(device)}%')):
             if value is not None:
                 clauses.append(f"{column} {op} ?")
                 args.append(value)

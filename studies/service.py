@@ -93,11 +93,21 @@ class MeasurementService:
         if not self.is_twin() and not self.allow_machine:
             raise RequestError(f"the target does not serve {self.layout.seed_pv}: it is not a twin, and this "
                                "service was not started with --allow-machine", 403)
-        devices = sorted({*(params.get("steerers") or ()), *(params.get("converters") or ()),
-                          *([params["quadrupole"]] if kind == "bba" else [])})
-        record = self.records.create(kind, params, devices)
+        record = self.records.create(kind, params, self._devices(kind, params))
         self._queue.put(record["id"])
         return record
+
+    def _devices(self, kind: str, params: dict) -> list[str]:
+        """The devices a measurement sets: what its record is found by."""
+        if kind == "bba":
+            return [params["quadrupole"], self.layout.converter_of_magnet(params["quadrupole"]).name]
+        if kind in ("dispersion", "chromaticity"):
+            return [self.layout.rf.name]
+        if kind == "tune_response":
+            return list(params["converters"])
+        if kind == "orbit_correction" and params["response"] != "model":
+            return list(self._measured_response(params["response"])["steerers"])
+        return list(params.get("steerers") or [c.name for c in self.layout.steerers()])
 
     def _measured_response(self, id: str) -> dict:
         try:

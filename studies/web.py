@@ -5,7 +5,7 @@
     GET    /api/machine/lattice         elements: name, family, kind, s, length, strengths
     GET    /api/state                   orbit (mm) with BPM names, tunes, current; on a twin its lattice version
     POST   /api/measurements            {"kind": ..., parameters} -> 202 {"id": ...}
-    GET    /api/measurements?kind=&since=&status=
+    GET    /api/measurements?kind=&since=&status=&device=
     GET    /api/measurements/{id}       id, kind, status, progress, params, result, error (+ provenance, raw)
     DELETE /api/measurements/{id}       cancel: a queued one never runs, a running one puts its setpoints back
     GET    /api/measurements/{id}/run   the Bluesky run's documents and data, from the tiled catalog
@@ -111,7 +111,7 @@ def create_app(service: MeasurementService, token: str | None = None) -> FastAPI
 
     @app.get("/api/measurements")
     def listing(kind: str | None = None, since: str | None = Query(None, description="ISO time"),
-                status: str | None = None):
+                status: str | None = None, device: str | None = Query(None, description="a device it set")):
         if kind is not None and kind not in KINDS:
             return error(422, f"unknown kind {kind!r}; kinds: {', '.join(KINDS)}")
         if since is not None:
@@ -121,7 +121,7 @@ def create_app(service: MeasurementService, token: str | None = None) -> FastAPI
                 return error(422, f"since: {since!r} is not an ISO time")
             moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
             since = moment.astimezone(UTC).isoformat(timespec="milliseconds")
-        return {"measurements": [public(r, raw=False) for r in service.records.list(kind, since, status)]}
+        return {"measurements": [public(r, raw=False) for r in service.records.list(kind, since, status, device)]}
 
     @app.get("/api/measurements/{id}")
     def one(id: str):

@@ -4,6 +4,8 @@ configured with; the results survive a restart of the service."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from ca import ca_gets, ca_process
@@ -51,8 +53,8 @@ def test_bba_recovers_configured_offsets_and_survives_restart(mls_real, tmp_path
     for quad, record in records.items():
         assert record["status"] == "done", record
         result = record["result"]
-        assert np.allclose(result["offset_um"], MLS_OFFSETS[quad], atol=TOLERANCE_UM), (quad, result)
-        assert 0 < max(result["sigma_um"]) < TOLERANCE_UM, (quad, result)
+        assert np.allclose(result["offset_um"], MLS_OFFSETS[quad], atol=TOLERANCE_UM), json.dumps(record)
+        assert 0 < max(result["sigma_um"]) < TOLERANCE_UM, json.dumps(record)
         assert result["bpm"].startswith("BPMZ") and set(result["steerers"]) == {"x", "y"}
         assert record["provenance"]["seed"] == ca_gets(twin.client_env, [twin.pv("SEED")])[twin.pv("SEED")]
     # after a restart of the service: the same results, queryable by kind

@@ -171,6 +171,10 @@ def test_queue_and_cancel_put_every_setpoint_back(mls_http, mls):
     assert never["status"] == "cancelled" and never["run_uid"] is None and never["started"] is None
     listed = mls_http.get("/api/measurements", params={"kind": "dispersion"}).json()["measurements"]
     assert {second, third} <= {m["id"] for m in listed} and all(m["kind"] == "dispersion" for m in listed)
+    by_device = mls_http.get("/api/measurements", params={"device": "HS3P1L2RP"}).json()["measurements"]
+    assert first in {m["id"] for m in by_device} and second not in {m["id"] for m in by_device}
+    recent = mls_http.get("/api/measurements", params={"since": cancelled["created"]}).json()["measurements"]
+    assert [m["id"] for m in recent][:3] == [first, second, third]
 
 
 BAD = [
