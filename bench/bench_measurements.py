@@ -6,10 +6,10 @@ For each machine, a twin with its startup file's imperfections (as ``make run`` 
 feedback on, which the plans switch off) and ``twinioc web`` beside it, both on free loopback ports
 with fresh state folders. Over HTTP: a BBA of one quadrupole (both planes) and an ORM of every
 steerer, *repeat* times each. For each: the wall time from the POST to "done"; the plan's own time;
-what it spent waiting for readbacks (converters ramp) and for fresh readings (the twin publishes at
-its rate; each reading skips one publication and averages four); the floor those readings impose
-at the twin's rate, (1 + samples) publications each; and what is left, the plan's own overhead.
-Medians over the repeats.
+what it spent waiting for readbacks (converters ramp) and for fresh readings (the first publication
+stamped after the readback, then samples − 1 more); the floor those readings impose at the twin's
+rate, samples − 1 publication periods each (the first can be there at once); and what is left, the
+plan's own work. Medians over the repeats.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def run_case(client, body: dict) -> dict:
     wall = time.monotonic() - started
     timing = record["provenance"]["timing"]
     samples = record["params"]["samples"]
-    floor = timing["readings"] * (1 + samples) / RATE_HZ
+    floor = timing["readings"] * (samples - 1) / RATE_HZ
     return {"wall_s": wall, "plan_s": timing["wall_s"], "readback_s": timing["readback_s"],
             "readings_s": timing["readings_s"], "floor_s": floor,
             "overhead_s": timing["wall_s"] - timing["readback_s"] - timing["readings_s"],
@@ -60,14 +60,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--machines", nargs="+", default=list(CASES))
     args = parser.parse_args()
-    print(f"medians of {args.repeat} runs; floor: (1 + samples) publications per reading at {RATE_HZ:g} Hz")
+    print(f"medians of {args.repeat} runs; floor: samples - 1 publication periods per reading at {RATE_HZ:g} Hz")
     print(f"{'machine':8} {'plan':14} {'wall s':>7} {'plan s':>7} {'readback s':>10} {'readings s':>10} "
-          f"{'floor s':>8} {'overhead s':>10} {'moves':>6} {'readings':>8} {'wall/floor':>10}")
+          f"{'floor s':>8} {'own work s':>10} {'moves':>6} {'readings':>8} {'waits/wall':>10}")
     for machine in args.machines:
         for label, r in bench(machine, args.repeat):
             print(f"{machine:8} {label:14} {r['wall_s']:7.1f} {r['plan_s']:7.1f} {r['readback_s']:10.1f} "
                   f"{r['readings_s']:10.1f} {r['floor_s']:8.1f} {r['overhead_s']:10.2f} {r['moves']:6.0f} "
-                  f"{r['readings']:8.0f} {r['wall_s'] / r['floor_s']:10.2f}")
+                  f"{r['readings']:8.0f} {(r['readback_s'] + r['readings_s']) / r['wall_s']:10.2f}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import traceback
 from concurrent.futures import Future
 from pathlib import Path
@@ -22,6 +23,7 @@ import bluesky.plan_stubs as bps
 import numpy as np
 from aioca import caget
 from bluesky import RunEngine
+from bluesky.utils import TransitionError
 
 from .analysis import plain
 from .context import Envelope, Instruments, PlanContext, Restorer, serves_seed
@@ -32,7 +34,7 @@ from .requests import RequestError, parse
 from .store import RunStore
 
 log = logging.getLogger(__name__)
-UNFINISHED = ("queued", "running")
+ASK_AGAIN_S = 30.0
 
 
 class MeasurementService:
@@ -52,6 +54,7 @@ class MeasurementService:
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._is_twin: bool | None = None
+        self._asked_at = -float("inf")  # when the target last said it is not a twin
         self._instruments: Instruments | None = None
         self._worker = threading.Thread(target=self._work, name="measurements", daemon=True)
         self.engine.log.logger.addFilter(self._not_a_cancel)
@@ -68,10 +71,12 @@ class MeasurementService:
         return future.result(timeout)
 
     def is_twin(self) -> bool:
-        """Whether the target serves ``<prefix>SEED`` (asked until the answer is yes)."""
-        if not self._is_twin:
+        """Whether the target serves ``<prefix>SEED``: a yes holds, a no is asked again after
+        ``ASK_AGAIN_S`` (a twin that was not up yet), not on every call (each asking waits 2 s)."""
+        if not self._is_twin and time.monotonic() - self._asked_at > ASK_AGAIN_S:
             self._is_twin = serves_seed(self.layout, self.engine.loop)
-        return self._is_twin
+            self._asked_at = time.monotonic()
+        return bool(self._is_twin)
 
     @property
     def instruments(self) -> Instruments:
@@ -126,7 +131,10 @@ class MeasurementService:
                 self.records.update(id, status="cancelled", finished=now(), error="cancelled before it ran")
             elif record["status"] == "running" and self._current == id:
                 self._cancelled.add(id)
-                self.engine.abort(reason=f"measurement {id} cancelled")
+                try:
+                    self.engine.abort(reason=f"measurement {id} cancelled")
+                except TransitionError:  # it ended just now, on its own: as it ended
+                    self._cancelled.discard(id)
         return self.records.get(id)
 
     # -- the worker -----------------------------------------------------------------------------
@@ -154,7 +162,7 @@ class MeasurementService:
 
     def _put_back(self, saved: dict):
         """Plan: the setpoints a dead run had changed back to their values before, then its feedback mode."""
-        ctx = PlanContext(self.instruments, Restorer())
+        ctx = PlanContext(self.instruments, Restorer(None if self.is_twin() else Envelope.of(self.layout)))
         for name, value in (saved.get("setpoints") or {}).items():
             ctx.restorer.original[name], ctx.restorer.devices[name] = value, ctx.converter(name)
         yield from ctx.instruments.connect(*ctx.restorer.devices.values())
