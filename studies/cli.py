@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import types
 import typing
 from pathlib import Path
 
@@ -55,9 +56,9 @@ def add_commands(subcommands) -> None:
 def _parameter_options(parser: argparse.ArgumentParser, model) -> None:
     """One option per parameter of *model*: ``--span-mm 0.5``; lists take several values."""
     for name, info in model.model_fields.items():
-        annotation = info.annotation
-        args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
-        inner = args[0]
+        inner = info.annotation
+        if isinstance(inner, types.UnionType) or typing.get_origin(inner) is typing.Union:  # X | None
+            inner = next(a for a in typing.get_args(inner) if a is not type(None))
         many = typing.get_origin(inner) is list
         element = typing.get_args(inner)[0] if many else inner
         convert = element if element in (int, float, str) else str
@@ -128,5 +129,5 @@ def run_measure(args) -> int:
     finally:
         service.stop()
     shown = {k: record[k] for k in ("id", "kind", "status", "params", "result", "error", "provenance")}
-    print(json.dumps(shown, indent=1))
+    print(json.dumps(shown))  # one line, the last: what a script reads
     return 0 if record["status"] == "done" else 1

@@ -71,8 +71,9 @@ class Instruments:
 
         async def read():
             values = await caget([c.setpoint for c in converters], timeout=10.0)
-            self.engine.apply_valid([Change(c.name, self.engine.devices.converters[c.name].quantity, float(v))
-                               for c, v in zip(converters, values, strict=True)])
+            quantities = {name: c.quantity for name, c in self.engine.devices.converters.items()}
+            self.engine.apply_valid([Change(c.name, quantities[c.name], float(v))
+                                     for c, v in zip(converters, values, strict=True)])
 
         yield from bps.wait_for([read])
 

@@ -212,3 +212,23 @@ def test_bad_requests_are_refused_and_nothing_reaches_the_machine(mls_http, mls_
     assert caget(mls_ioc.pv("JOURNAL:SEQ")) == seq
     assert mls_http.get("/api/machine").status_code == 200
     assert mls_http.get("/docs").status_code == 200 and "paths" in mls_http.get("/openapi.json").json()
+
+
+def test_measure_on_the_command_line(twins, tmp_path):
+    """``twinioc measure`` runs the same plan without the service and prints its record as JSON."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")} | epics_env()
+    command = [sys.executable, "-m", "twinioc.ioc.cli", "measure"]
+    done = subprocess.run([*command, "tune_response", "--machine", "mls", "--prefix", MLS_PREFIX, "--converters",
+                           "Q1P1K1RP", "--samples", "2", "--state-dir", str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    record = json.loads(done.stdout.strip().splitlines()[-1])
+    assert record["status"] == "done" and record["params"]["samples"] == 2
+    assert record["result"]["converters"] == ["Q1P1K1RP"] and len(record["result"]["dq_per_A"][0]) == 2
+    refused = subprocess.run([*command, "bba", "--machine", "mls", "--prefix", MLS_PREFIX, "--quadrupole", "Q9M9X9RP",
+                              "--state-dir", str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "Q9M9X9RP" in refused.stderr
