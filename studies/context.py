@@ -87,9 +87,6 @@ class Instruments:
         yield from bps.wait_for([read])
         return found
 
-    def rf_khz(self) -> float:
-        return self.engine.rf_frequency / 1e3
-
     def compaction(self) -> float:
         """α_c of the model as set: what turns an RF step into a momentum offset."""
         return float(self.engine.compute(chromaticity=False).momentum_compaction)

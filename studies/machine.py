@@ -23,7 +23,6 @@ DB = PACKAGE / "db"
 STARTUP = PACKAGE / "startup"
 
 STEERER_KINDS = ("hsteerer", "vsteerer")
-PLANES = ("x", "y")
 
 
 class LayoutError(ValueError):

@@ -263,9 +263,18 @@ def _orm_body(ctx: PlanContext, analysis: an.Analysis):
 
 # -- dispersion and chromaticity (RF) -----------------------------------------------------------
 
-def rf_for_delta(ctx: PlanContext, delta: float) -> float:
-    """The RF change (kHz) that makes a momentum offset *delta*, by the model's α_c."""
-    return float(f"{delta * ctx.instruments.rf_khz() * ctx.instruments.compaction():.3g}")
+def rf_for_delta(delta: float, rf_khz: float, compaction: float) -> float:
+    """The RF change (kHz) that makes a momentum offset *delta* at *rf_khz*, by the model's α_c."""
+    return float(f"{delta * rf_khz * compaction:.3g}")
+
+
+def _rf_at_start(ctx: PlanContext):
+    """Plan: the RF converter (connected), its setpoint (kHz), and α_c of the model set to the machine."""
+    rf = ctx.converter(ctx.layout.rf.name)
+    yield from ctx.instruments.connect(rf)
+    yield from ctx.instruments.sync_model()
+    f0 = float((yield from bps.rd(rf.setpoint)))
+    return rf, f0, ctx.instruments.compaction()
 
 
 def dispersion(ctx: PlanContext, params: dict):
@@ -275,12 +284,8 @@ def dispersion(ctx: PlanContext, params: dict):
 
 def _dispersion_body(ctx: PlanContext, analysis: an.Analysis):
     p = analysis.params
-    rf = ctx.converter(ctx.layout.rf.name)
-    yield from ctx.instruments.connect(rf)
-    yield from ctx.instruments.sync_model()
-    step = p.get("rf_step_khz") or rf_for_delta(ctx, 1e-3)
-    f0 = float((yield from bps.rd(rf.setpoint)))
-    compaction = ctx.instruments.compaction()
+    rf, f0, compaction = yield from _rf_at_start(ctx)
+    step = p.get("rf_step_khz") or rf_for_delta(1e-3, f0, compaction)
     orbits = {}
     for k, sign in enumerate((1.0, -1.0)):
         yield from ctx.restorer.move({rf: f0 + sign * step})
@@ -302,12 +307,8 @@ def chromaticity(ctx: PlanContext, params: dict):
 
 def _chromaticity_body(ctx: PlanContext, analysis: an.Analysis):
     p = analysis.params
-    rf = ctx.converter(ctx.layout.rf.name)
-    yield from ctx.instruments.connect(rf)
-    yield from ctx.instruments.sync_model()
-    span = p.get("rf_span_khz") or rf_for_delta(ctx, 4e-3)
-    f0 = float((yield from bps.rd(rf.setpoint)))
-    compaction = ctx.instruments.compaction()
+    rf, f0, compaction = yield from _rf_at_start(ctx)
+    span = p.get("rf_span_khz") or rf_for_delta(4e-3, f0, compaction)
     changes = np.linspace(-span / 2, span / 2, p["points"])
     points = []
     for k, change in enumerate(changes):

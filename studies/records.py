@@ -15,7 +15,6 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
-STATUSES = ("queued", "running", "done", "failed", "cancelled")
 JSON_FIELDS = ("params", "result", "raw", "provenance", "devices", "restore")
 COLUMNS = ("id", "kind", "status", "progress", "error", "created", "started", "finished", "run_uid") + JSON_FIELDS
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
-from twinioc.ioc.testing import free_port
+from twinioc.ioc.testing import free_port, stop_group
 
 _EMPTY_CATALOG: list[Path] = []
 
@@ -74,14 +74,7 @@ class WebProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        os.killpg(self.process.pid, signal.SIGINT)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait()
+        stop_group(self.process, signal.SIGINT, timeout=60)  # SIGINT: uvicorn shuts the service down
 
     def __enter__(self) -> WebProcess:
         return self.start()
