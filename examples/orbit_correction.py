@@ -6,8 +6,8 @@ A thin user of twinioc's plans (``twinioc.studies.plans``: ``orm``, then ``orbit
     python examples/orbit_correction.py --machine mls
     python examples/orbit_correction.py --machine bessy2 --save-response bessy2.npz
 
-1. The response matrix: one steerer at a time gets a step (the plan's default moves the orbit by
-   about 0.5 mm at most, from the model's response), the plan waits for the readback, then averages
+1. The response matrix: one steerer at a time gets a step (by default each steerer's own, moving
+   the orbit by about 0.5 mm at most, from the model's response), the plan waits for the readback, then averages
    fresh BPM readings and subtracts the reference orbit, read before and after the scan and
    interpolated in time. The next steerer's step and the previous one's restore go out together.
 2. The correction: the steerer change is −gain · R⁺ · reading, R⁺ the pseudo-inverse of the measured
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--machine", default="bessy2", help="bessy2 or mls")
     parser.add_argument("--prefix", default=None, help="the twin's prefix (default the startup file's)")
     parser.add_argument("--steerers", nargs="+", help="the steerers (default all)")
-    parser.add_argument("--step", type=float, help="steerer step of the measurement, A (default from the model)")
+    parser.add_argument("--step", type=float, help="one steerer step for all, A (default per steerer, from the model)")
     parser.add_argument("--samples", type=int, default=3, help="BPM readings averaged per orbit")
     parser.add_argument("--iterations", type=int, default=3, help="correction steps")
     parser.add_argument("--gain", type=float, default=0.8, help="fraction of the computed correction applied per step")

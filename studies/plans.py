@@ -222,21 +222,25 @@ def orm(ctx: PlanContext, params: dict):
     return (yield from measurement(ctx, "orm", params, _orm_body))
 
 
-def default_steerer_step(ctx: PlanContext, names: list[str], orbit_mm: float = 0.5) -> float:
-    """A step (A) that moves the orbit by about *orbit_mm* at most, from the model's response."""
-    response = ctx.instruments.engine.orbit_response(names) * 1e3  # mm per A
-    return float(f"{orbit_mm / np.max(np.abs(response)):.2g}")
+def default_steerer_steps(ctx: PlanContext, names: list[str], orbit_mm: float = 0.5) -> list[float]:
+    """Per steerer, a step (A) that moves the orbit by about *orbit_mm* at most, from the model's
+    response: every column is measured with the same signal over the BPMs' noise, the weak
+    steerers' as well as the strong ones' (at most 10 % of a steerer's range)."""
+    response = np.abs(ctx.instruments.engine.orbit_response(names)) * 1e3  # mm per A, (2·nbpm, n)
+    spans = [ctx.layout.converter(n).high - ctx.layout.converter(n).low for n in names]
+    return [float(f"{min(orbit_mm / max(np.max(column), 1e-12), 0.1 * span):.2g}")
+            for column, span in zip(response.T, spans, strict=True)]
 
 
 def _orm_body(ctx: PlanContext, analysis: an.Analysis):
     p = analysis.params
     names = p.get("steerers") or [c.name for c in ctx.layout.steerers()]
     yield from ctx.instruments.sync_model()
-    step = p.get("step_A") or default_steerer_step(ctx, names)
+    sizes = [p["step_A"]] * len(names) if p.get("step_A") else default_steerer_steps(ctx, names)
     devices = [ctx.converter(n) for n in names]
     yield from ctx.instruments.connect(*devices)
     origin = (yield from read_setpoints(devices))
-    steps = [step if o + step <= d.info.high else -step for d, o in zip(devices, origin, strict=True)]
+    steps = [step if o + step <= d.info.high else -step for d, o, step in zip(devices, origin, sizes, strict=True)]
     x0, y0, *_ = yield from read_orbit(ctx, "reference")
     t0 = time.monotonic()
     deltas, times = [], []

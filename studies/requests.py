@@ -29,7 +29,8 @@ class Orm(Parameters):
     """Orbit response matrix of chosen (default all) steerers."""
 
     steerers: list[str] | None = Field(None, min_length=1, description="steerer converters (default all)")
-    step_A: float | None = Field(None, gt=0, le=10.0, description="steerer step (default: 0.5 mm of orbit)")
+    step_A: float | None = Field(None, gt=0, le=10.0,
+                                 description="one step for all (default: per steerer, 0.5 mm of orbit at most)")
 
 
 class Dispersion(Parameters):

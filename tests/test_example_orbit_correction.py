@@ -37,8 +37,9 @@ NO_BPM_OFFSETS = {"bpm.offset_um": 0, "start.state": "commissioning", "orbit_fee
 TWINS = [pytest.param({"machine": machine, "seed": SEED, "set": NO_BPM_OFFSETS}, id=machine)
          for machine in ("bessy2", "mls")]
 IMPROVEMENT = 5.0
-# The measured columns carry ~0.3 % of reading noise (1 µm, 3 readings, steps of 0.2-1 mm); they
-# agree with pyAT's within 0.4 % (MLS) and 0.6 % (BESSY II). A timing slip (a reading taken before
+# The measured columns carry ~0.3 % of reading noise (1 µm, 3 readings, each steerer's step moving
+# the orbit by 0.5 mm at most); they agree with pyAT's within 0.5 % (both rings). One step for all
+# steerers gave the weak ones a third of that signal: up to 1.8 %. A timing slip (a reading taken before
 # the readback arrived), a wrong calibration or BPM order costs far more; so does the ideal lattice
 # on BESSY II (up to 19 %: its 1-3 mm uncorrected orbit passes the sextupoles off centre).
 COLUMN_TOLERANCE = 0.015
