@@ -25,7 +25,8 @@ RUN mkdir -p var
 VOLUME /home/twin/twinioc/var
 # CA server (tcp, and udp name searches), CA repeater, PVA server (tcp), PVA searches (udp). The
 # measurement service runs from the same image on a port of your choosing, with a token off loopback:
-# `docker run -p 8080:8080 --entrypoint twinioc twinioc web --machine mls --bind 0.0.0.0 --token T`.
+# `docker run -p 8080:8080 --entrypoint twinioc twinioc web --machine mls --bind 0.0.0.0 --token T`,
+# its dashboard at http://host:8080/ (every file it loads comes from the service: no internet needed).
 EXPOSE 5064/tcp 5064/udp 5065/udp 5075/tcp 5076/udp
 
 # Healthy: a Channel Access read of the publication counter answers, over loopback only.

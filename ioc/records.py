@@ -150,12 +150,13 @@ def control_ao(row: PvRow, on_update: Callable[[float], None], accept: Callable[
                         on_update=on_update, always_update=True, **_display(row))
 
 
-def control_bo(row: PvRow, on_update: Callable[[int], None], autosave: bool = False):
+def control_bo(row: PvRow, on_update: Callable[[int], None], autosave: bool = False, blocking: bool = False):
     """A run-time switch of the twin; its two state names are the description "OFF/ON"; *autosave*:
-    it keeps its state over a restart."""
+    it keeps its state over a restart; *blocking*: a put with a callback completes only once
+    *on_update* has run (a client that waits for it knows the switch has taken effect)."""
     low, high = row.description.split("/")
     return builder.boolOut(row.pv, low, high, initial_value=1, on_update=on_update, always_update=True,
-                           autosave=autosave)
+                           autosave=autosave, blocking=blocking)
 
 
 def longout(row: PvRow, on_update: Callable[[int], None]):

@@ -101,7 +101,8 @@ class SetpointDesk:
             self._replay_until = time.monotonic() + REPLAY_IDLE_S if value else 0.0
             self._put_log.accepted("control", row.pv, value)
 
-        self._replay_record = record = self._build.control_bo(row, on_put)
+        # blocking: the replay's put of 1 completes once this ran, before its first setpoint put
+        self._replay_record = record = self._build.control_bo(row, on_put, blocking=True)
         record.set(0, process=False)
         self._put_log.hold(row.pv, 0)
         return record

@@ -333,6 +333,15 @@ class Engine:
         """The steering converters (horizontal, then vertical), in the converter table's order."""
         return [c.name for kind in ("hsteerer", "vsteerer") for c in self.devices.of_kind(kind)]
 
+    def bpm_optics(self) -> dict[str, np.ndarray]:
+        """The linear optics of the current lattice at the BPMs, in the machine's BPM order: s (m),
+        β and η (m) per plane, from pyAT's ``get_optics`` on the current closed orbit."""
+        orbit = np.append(self._orbit_guess, 0.0)
+        _, _, optics = self.ring.get_optics(refpts=self._bpm_sorted, orbit=orbit, keep_lattice=True)
+        order = self._bpm_order
+        return {"s_m": optics.s_pos[order], "beta_x_m": optics.beta[order, 0], "beta_y_m": optics.beta[order, 1],
+                "eta_x_m": optics.dispersion[order, 0], "eta_y_m": optics.dispersion[order, 2]}
+
     def orbit_response(self, steerers: list[str] | None = None) -> np.ndarray:
         """∂(BPM readings x then y, m)/∂(steerer current, A) of the current lattice at a fixed RF
         frequency, from its linear optics (uncoupled):

@@ -98,13 +98,19 @@ def run_web(args) -> int:
               file=sys.stderr)
         return 2
     import uvicorn
+    from twinioc.dashboard.app import mount
 
     from .web import create_app
 
     service = _service(args)
+    feed = None
     try:
-        uvicorn.run(create_app(service, token), host=args.bind, port=args.port, log_level="warning")
+        app = create_app(service, token)
+        feed = mount(app, service, token)
+        uvicorn.run(app, host=args.bind, port=args.port, log_level="warning")
     finally:
+        if feed is not None:
+            feed.stop()
         service.stop()
     return 0
 

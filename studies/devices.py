@@ -63,6 +63,9 @@ class WaitLedger:
                 "moves": self.moves, "readings": self.readings}
 
 
+MONITOR_CHECK_S = 2.0  # a readback not seen to arrive on its monitor for this long is read afresh
+
+
 class ConverterMove:
     """Put a setpoint (waiting for the put to complete), then wait until the readback is within
     *tolerance* of it; the time allowed grows with the step (converters ramp)."""
@@ -90,11 +93,19 @@ class ConverterMove:
         except Exception as err:  # a refused put: the IOC says why in its alarm; the message here
             raise MoveFailed(f"{self.name}: put of {value:g} failed: {err}") from err
         allowed = self.timeout(value - before)
-        try:  # on the readback's monitor: each update is looked at, none waited for longer than it takes
-            await wait_for_value(readback, lambda now: abs(now - value) <= self.tolerance, timeout=allowed)
-        except TimeoutError:
-            now = await readback.get_value(cached=False)
-            raise MoveFailed(f"{self.name}: readback {now:g} did not reach {value:g} in {allowed:.0f} s") from None
+        deadline = time.monotonic() + allowed
+        while True:  # on the readback's monitor: each update is looked at, none waited for longer than it takes
+            try:
+                await wait_for_value(readback, lambda now: abs(now - value) <= self.tolerance,
+                                     timeout=min(MONITOR_CHECK_S, max(deadline - time.monotonic(), 0.01)))
+                return
+            except TimeoutError:  # a monitor that fell silent must not hide an arrival: read afresh
+                now = await readback.get_value(cached=False)
+                if abs(now - value) <= self.tolerance:
+                    return
+                if time.monotonic() >= deadline:
+                    raise MoveFailed(f"{self.name}: readback {now:g} did not reach {value:g} in {allowed:.0f} s") \
+                        from None
 
 
 class PowerConverter(StandardReadable, Movable):

@@ -9,6 +9,7 @@
     GET    /api/measurements/{id}       id, kind, status, progress, params, result, error (+ provenance, raw)
     DELETE /api/measurements/{id}       cancel: a queued one never runs, a running one puts its setpoints back
     GET    /api/measurements/{id}/run   the Bluesky run's documents and data, from the tiled catalog
+    GET    /                            the dashboard (``twinioc.dashboard``), mounted by ``twinioc web``
 
 A request that changes anything (POST, DELETE) needs the token when the service has one (``--token``
 or ``TWINIOC_WEB_TOKEN``), as ``Authorization: Bearer <token>``; off loopback it must have one.
@@ -45,6 +46,11 @@ def public(record: dict, raw: bool = True) -> dict:
     return shown
 
 
+def token_accepted(token: str | None, given: str | None) -> bool:
+    """Whether a change may be made: no token set, or *given* is it (compared in constant time)."""
+    return not token or hmac.compare_digest((given or "").encode(), token.encode())
+
+
 def create_app(service: MeasurementService, token: str | None = None) -> FastAPI:
     layout = service.layout
     app = FastAPI(title=f"twinioc measurements: {layout.name}", version="1",
@@ -53,8 +59,8 @@ def create_app(service: MeasurementService, token: str | None = None) -> FastAPI
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if token and request.method not in ("GET", "HEAD", "OPTIONS"):
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme != "Bearer" or not token_accepted(token, given):
                 return error(401, "this request changes the machine: it needs 'Authorization: Bearer <token>'")
         return await call_next(request)
 
@@ -146,5 +152,9 @@ def create_app(service: MeasurementService, token: str | None = None) -> FastAPI
         if not record["run_uid"]:
             return error(404, f"measurement {id} has no run (yet)")
         return plain(service.runs.run(record["run_uid"]))
+
+    @app.api_route("/api/{rest:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False)
+    def unknown(rest: str):  # under /api, not the dashboard's page: a path the API does not have
+        return error(404, f"no such API path: /api/{rest}")
 
     return app

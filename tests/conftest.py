@@ -61,6 +61,25 @@ def twins(tmp_path_factory):
         assert "Traceback" not in twin.log(), twin.log()
 
 
+@pytest.fixture(scope="module")
+def mls_web(twins, tmp_path_factory):
+    """``twinioc web`` on the session's MLS twin, one per test module (its records its own)."""
+    from web import WebProcess, epics_env
+
+    with WebProcess("mls", epics_env(), tmp_path_factory.mktemp("mls-web"), MLS_PREFIX) as web:
+        yield web
+    assert "Traceback" not in web.log(), web.log()
+
+
+@pytest.fixture(scope="module")
+def bessy2_web(twins, tmp_path_factory):
+    from web import WebProcess, epics_env
+
+    with WebProcess("bessy2", epics_env(), tmp_path_factory.mktemp("bessy2-web")) as web:
+        yield web
+    assert "Traceback" not in web.log(), web.log()
+
+
 @pytest.fixture(scope="session")
 def bessy2_ioc(twins):
     return twins["bessy2"]

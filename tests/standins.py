@@ -65,7 +65,7 @@ class StandIns:
     def control_ao(self, row, on_update, accept):
         return self._keep(StandInRecord(row, 0.0, validate=accept, on_update=on_update))
 
-    def control_bo(self, row, on_update, autosave=False):
+    def control_bo(self, row, on_update, autosave=False, blocking=False):
         return self._keep(StandInRecord(row, 1, on_update=on_update))
 
     def longout(self, row, on_update):

@@ -134,7 +134,7 @@ def test_the_same_seed_gives_the_same_readings(tmp_path):
         for context, run in zip(contexts, runs, strict=True):
             subscriptions.append(context.monitor("TWIN:ORBIT:X", lambda v, run=run: run.append(np.asarray(v))))
         deadline = time.monotonic() + 30
-        while min(len(r) for r in runs) < 40 and time.monotonic() < deadline:
+        while min(len(r) for r in runs) < 100 and time.monotonic() < deadline:  # room for a late start
             time.sleep(0.05)
         for subscription in subscriptions:
             subscription.close()

@@ -13,11 +13,7 @@ import time
 import pytest
 from ca import caget
 from conftest import MLS_PREFIX
-from web import WebProcess, wait_done
-
-
-def epics_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith("EPICS_")}
+from web import WebProcess, epics_env, wait_done
 
 
 def test_off_loopback_needs_a_token(twins):

@@ -14,25 +14,7 @@ from ca import caget
 from conftest import DB, MLS_PREFIX
 from physics import orbit_response, relative_error, tune_shift
 from twinioc.model.lattice_io import load_lattice
-from web import WebProcess, measure, wait_done
-
-
-def epics_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith("EPICS_")}
-
-
-@pytest.fixture(scope="module")
-def mls_web(twins, tmp_path_factory):
-    with WebProcess("mls", epics_env(), tmp_path_factory.mktemp("mls-web"), MLS_PREFIX) as web:
-        yield web
-    assert "Traceback" not in web.log(), web.log()
-
-
-@pytest.fixture(scope="module")
-def bessy2_web(twins, tmp_path_factory):
-    with WebProcess("bessy2", epics_env(), tmp_path_factory.mktemp("bessy2-web")) as web:
-        yield web
-    assert "Traceback" not in web.log(), web.log()
+from web import epics_env, measure, wait_done
 
 
 @pytest.fixture(scope="module")

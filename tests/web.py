@@ -83,6 +83,11 @@ class WebProcess:
         self.stop()
 
 
+def epics_env() -> dict[str, str]:
+    """The EPICS client settings of this process (the session's twins), for a service to reach them."""
+    return {k: v for k, v in os.environ.items() if k.startswith("EPICS_")}
+
+
 def wait_done(client: httpx.Client, id: str, timeout: float = 300.0) -> dict:
     """Poll a measurement until it has finished; its record."""
     deadline = time.monotonic() + timeout
