@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 from a2wsgi import WSGIMiddleware
@@ -136,6 +137,8 @@ def _status(state: LiveState, feed: LiveFeed, qx: float, qy: float) -> list:
         card("emittance εx (nm), εy (pm)", f"{n(state, 'emittance_x_nm', 3)}, {n(state, 'emittance_y_nm', 2, 1e3)}"),
         card("σδ (10⁻⁴) · σs (mm)", f"{n(state, 'energy_spread', 3, 1e4)} · {n(state, 'bunch_length_mm', 2)}"),
         card("lattice version", n(state, "version", 0), id="lattice-version"),
+        card("orbit age (s)", f"{time.time() - state.orbit_stamp:.2f}" if math.isfinite(state.orbit_stamp) else "—",
+             id="orbit-age"),
         card("orbit feedback", f"{'ON' if switch else 'OFF' if switch is not None else ''} {feedback}".strip(),
              id="feedback"),
         card(f"faults ({n(state, 'fault_count', 0)})", faults, id="faults"),

@@ -168,8 +168,7 @@ class LiveFeed:
     def _on_bpm(self, plane: str, index: int, value) -> None:
         with self._lock:
             (self._x if plane == "x" else self._y)[index] = float(value)
-            self._orbit_stamp = max(float(value.timestamp), self._orbit_stamp) if self._orbit_updates else \
-                float(value.timestamp)
+            self._orbit_stamp = float(np.fmax(self._orbit_stamp, float(value.timestamp)))  # the newest BPM's
             self._orbit_updates += 1
 
     # -- sampling ---------------------------------------------------------------------------------
@@ -205,9 +204,6 @@ class LiveFeed:
         with self._subscribing:
             subscriptions, self._always, self._watched = [*self._always, *self._watched], [], []
         self._service.call(self._unsubscribe(subscriptions))
-
-    def watching(self) -> bool:
-        return bool(self._watched)
 
     # -- reading ----------------------------------------------------------------------------------
 

@@ -58,7 +58,9 @@ def create_app(service: MeasurementService, token: str | None = None) -> FastAPI
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        if token and request.method not in ("GET", "HEAD", "OPTIONS"):
+        # the API's changes; the dashboard's own requests (its callbacks) pass, and its form that
+        # starts a measurement asks for the token itself
+        if token and request.url.path.startswith("/api/") and request.method not in ("GET", "HEAD", "OPTIONS"):
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme != "Bearer" or not token_accepted(token, given):
                 return error(401, "this request changes the machine: it needs 'Authorization: Bearer <token>'")

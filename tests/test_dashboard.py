@@ -23,7 +23,7 @@ import pytest
 from conftest import MLS_PREFIX
 from twinioc.dashboard.views import default_parameters
 from twinioc.studies.machine import MachineLayout
-from web import wait_done
+from web import WebProcess, epics_env, wait_done
 
 SHOTS = Path(os.environ["TWINIOC_SCREENSHOTS"]) if os.environ.get("TWINIOC_SCREENSHOTS") else None
 STEERER = "HS1P2K1RP"
@@ -225,3 +225,31 @@ def test_the_comparisons_draw(page, mls_web):
     assert traces and "fit x" in traces, traces
     time.sleep(0.5)
     browser.screenshot(page, SHOTS, "compare")
+
+
+def test_with_a_token_the_page_works_and_its_form_needs_the_token(page, mls_web, tmp_path):
+    """A service with a token: the page's own requests pass (its live views draw), but its form
+    starts nothing without the token, and with it starts the measurement."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    assert_only_local(page, mls_web.url)  # what this module's service served, before leaving it
+    with WebProcess("mls", epics_env(), tmp_path, MLS_PREFIX, "--token", "s3cret") as guarded:
+        try:
+            page.get(guarded.url)
+            assert browser.wait_for(lambda: plotted_orbit(page), 30), "no orbit with a token"
+            click_tab(page, "Measurements")
+            form = browser.wait_for(lambda: page.find_elements(By.ID, "measurement-parameters"), 10)
+            form[0].send_keys(Keys.CONTROL, "a")
+            form[0].send_keys(json.dumps(BBA | {"planes": ["x"]}))
+            message = lambda: page.find_element(By.ID, "start-message").text  # noqa: E731
+            page.find_element(By.ID, "start-measurement").click()
+            assert browser.wait_for(lambda: "needs its token" in message(), 10), message()
+            page.find_element(By.ID, "measurement-token").send_keys("s3cret")
+            page.find_element(By.ID, "start-measurement").click()
+            assert browser.wait_for(lambda: "queued" in message(), 10), message()
+            with guarded.client() as client:
+                assert wait_done(client, message().split()[1], timeout=120)["status"] == "done"
+            assert_only_local(page, guarded.url)
+        finally:
+            page.get(mls_web.url)  # back to the module's service, which the page's teardown checks

@@ -134,7 +134,7 @@ def test_the_same_seed_gives_the_same_readings(tmp_path):
         for context, run in zip(contexts, runs, strict=True):
             subscriptions.append(context.monitor("TWIN:ORBIT:X", lambda v, run=run: run.append(np.asarray(v))))
         deadline = time.monotonic() + 30
-        while min(len(r) for r in runs) < 100 and time.monotonic() < deadline:  # room for a late start
+        while overlap(*runs)[2] < TICKS and time.monotonic() < deadline:  # a late start needs longer
             time.sleep(0.05)
         for subscription in subscriptions:
             subscription.close()
@@ -143,16 +143,24 @@ def test_the_same_seed_gives_the_same_readings(tmp_path):
     finally:
         for twin in twins:
             twin.stop()
-    a, b = runs
-    # they started a few ticks apart: find where one run's first reading falls in the other
-    if not any(np.array_equal(b[0], v) for v in a):
-        a, b = b, a
-    start = next(i for i, v in enumerate(a) if np.array_equal(b[0], v))
-    n = min(len(a) - start, len(b))
-    assert n >= 20
-    for x, y in zip(a[start:start + n], b[:n], strict=True):
+    a, b, n = overlap(*runs)
+    assert n >= TICKS
+    for x, y in zip(a[:TICKS], b[:TICKS], strict=True):
         np.testing.assert_array_equal(x, y)
     assert not np.array_equal(a[0], a[1])  # and they are noisy
+
+
+TICKS = 20  # publications compared
+
+
+def overlap(first: list, second: list) -> tuple[list, list, int]:
+    """The two runs from the tick they share first (they started a few ticks apart: the later one's
+    first reading falls in the earlier one), and how many ticks they then share."""
+    for a, b in ((first, second), (second, first)):
+        if b and any(np.array_equal(b[0], v) for v in a):
+            start = next(i for i, v in enumerate(a) if np.array_equal(b[0], v))
+            return a[start:], list(b), min(len(a) - start, len(b))
+    return first, second, 0
 
 
 def test_the_lifetime_comes_from_physics_and_the_current_monitor_measures_it(real, pva):
