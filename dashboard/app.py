@@ -73,11 +73,11 @@ def create_dashboard(service: MeasurementService, feed: LiveFeed, saved: SavedSt
         if view != "live":
             return no_update, no_update
         state = feed.state()
-        return figures.history(state.history), figures.beam_sizes(
+        return figures.history(feed.history()), figures.beam_sizes(
             optics, bpms, state.get("emittance_x_nm"), state.get("emittance_y_nm"), state.get("energy_spread"))
 
     _measurement_callbacks(app, service, optics, token)
-    _compare_callbacks(app, service, feed, saved, optics, bpms)
+    _compare_callbacks(app, feed, saved, optics, bpms, harmonic)
     return app
 
 
@@ -89,11 +89,11 @@ def _orbit_update(state: LiveState, s_m, bpms: list[str], drawn_with_model: bool
     readings = {"x": state.orbit_x_mm, "y": state.orbit_y_mm}
     if drawn_with_model is None or drawn_with_model != (model is not None):
         return figures.orbit(s_m, bpms, readings, model), [state.orbit_updates, model is not None]
-    patch, per_plane, order = Patch(), 2 if model is not None else 1, np.argsort(s_m, kind="stable")
+    patch, per_plane, order = Patch(), 2 if model is not None else 1, figures.along_ring(s_m)
     for k, plane in enumerate(figures.PLANES):
-        patch["data"][k * per_plane]["y"] = np.round(readings[plane][order], 9).tolist()
+        patch["data"][k * per_plane]["y"] = figures.plotted(readings[plane], order).tolist()
         if model is not None:
-            patch["data"][k * per_plane + 1]["y"] = np.round(model[plane][order], 9).tolist()
+            patch["data"][k * per_plane + 1]["y"] = figures.plotted(model[plane], order).tolist()
     return patch, [state.orbit_updates, model is not None]
 
 
@@ -153,9 +153,12 @@ def _measurement_callbacks(app: Dash, service: MeasurementService, optics: dict,
     def parameters(kind):
         return json.dumps(views.default_parameters(service.layout, kind))
 
-    def options() -> list[dict]:
-        return [{"label": f"{r['id']} {r['kind']} ({r['status']})", "value": r["id"]}
-                for r in service.records.list()[:200]]
+    def newest(kind: str | None = None) -> list[dict]:
+        """The records, newest first (the store keeps them oldest first)."""
+        return service.records.list(kind)[::-1]
+
+    def options(records: list[dict]) -> list[dict]:
+        return [{"label": f"{r['id']} {r['kind']} ({r['status']})", "value": r["id"]} for r in records[:200]]
 
     @app.callback(Output("start-message", "children"), Output("measurement-select", "value"),
                   Output("measurement-select", "options", allow_duplicate=True),
@@ -175,15 +178,16 @@ def _measurement_callbacks(app: Dash, service: MeasurementService, optics: dict,
             record = service.submit(fields | {"kind": kind})
         except RequestError as err:
             return f"refused: {err}", no_update, no_update
-        return f"measurement {record['id']} queued", record["id"], options()
+        return f"measurement {record['id']} queued", record["id"], options(newest())
 
     @app.callback(Output("measurement-list", "children"), Output("measurement-select", "options"),
                   Output("compare-a", "options"), Input("slow-tick", "n_intervals"), State("views", "value"))
     def listing(_, view):
         if view == "live":
             return no_update, no_update, no_update
-        shown = options()
-        return views.measurement_table(service.records.list()[:50]), shown, shown
+        records = newest()
+        shown = options(records)
+        return views.measurement_table(records[:50]), shown, shown
 
     @app.callback(Output("result-plot", "figure"), Output("measurement-progress", "children"),
                   Output("result-seen", "data"), Input("measurement-select", "value"),
@@ -202,11 +206,12 @@ def _measurement_callbacks(app: Dash, service: MeasurementService, optics: dict,
         return figures.result_figure(record, model_eta=model), progress, [id, record["status"]]
 
     @app.callback(Output("compare-b", "options"), Input("compare-a", "value"), Input("compare-a", "options"))
-    def partners(id, options):
-        if not id:
-            return []
-        kind = _kind(service, id)
-        return [o for o in options or [] if o["value"] != id and _kind(service, o["value"]) == kind]
+    def partners(id, _):
+        try:
+            kind = service.records.get(id)["kind"] if id else None
+        except KeyError:
+            kind = None
+        return options([r for r in newest(kind) if r["id"] != id]) if kind else []
 
     @app.callback(Output("compare-result", "figure"), Input("compare-a", "value"), Input("compare-b", "value"))
     def against(a, b):
@@ -218,17 +223,8 @@ def _measurement_callbacks(app: Dash, service: MeasurementService, optics: dict,
         return figures.result_figure(first, second, model_eta=model)
 
 
-def _kind(service: MeasurementService, id: str) -> str | None:
-    try:
-        return service.records.get(id)["kind"]
-    except KeyError:
-        return None
-
-
-def _compare_callbacks(app: Dash, service: MeasurementService, feed: LiveFeed, saved: SavedStates, optics: dict,
-                       bpms: list[str]) -> None:
-    harmonic = service.instruments.engine.ring.harmonic_number
-
+def _compare_callbacks(app: Dash, feed: LiveFeed, saved: SavedStates, optics: dict, bpms: list[str],
+                       harmonic: int) -> None:
     @app.callback(Output("save-message", "children"), Output("saved-select", "options"),
                   Output("saved-select", "value"), Input("save-state", "n_clicks"), State("state-name", "value"))
     def save(clicks, name):

@@ -13,7 +13,7 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from aioca import DBR_CHAR_STR, FORMAT_TIME, camonitor
@@ -26,25 +26,24 @@ IDLE_S = 30.0  # the live monitors end this long after a page last looked
 
 # the machine-wide PVs the live views show, by role; text ones are long strings
 SCALARS = ("tune_h_khz", "tune_v_khz", "beam_current", "lifetime_h", "measured_lifetime_100s", "chrom_x", "chrom_y",
-           "emittance_x_nm", "emittance_y_nm", "energy_spread", "bunch_length_mm", "version", "seed",
-           "feedback_status", "feedback_switch", "feedback_run_mode", "fault_count", "beam_lost")
-TEXTS = ("feedback_state", "fault_list", "lost_reason", "lifetime_source", "snapshot_list")
+           "emittance_x_nm", "emittance_y_nm", "energy_spread", "bunch_length_mm", "version",
+           "feedback_switch", "feedback_run_mode", "fault_count", "beam_lost")
+TEXTS = ("feedback_state", "fault_list", "lost_reason")
 WAVEFORMS = ("true_orbit_x", "true_orbit_y")
 
 
 @dataclass
 class Reading:
-    """The newest value of one PV, when the IOC stamped it, and whether it is connected."""
+    """The newest value of one PV, and whether it is connected."""
 
     value: object = None
-    stamp: float = math.nan
     connected: bool = False
     invalid: bool = False  # INVALID severity: the IOC says the value means nothing now (no beam, ...)
 
 
 @dataclass
 class LiveState:
-    """One consistent copy of the feed for a view: values by role, the orbit (mm), the history."""
+    """One consistent copy of the feed for a view: values by role, the orbit (mm)."""
 
     values: dict[str, object]
     invalid: set[str]  # the roles whose value the IOC marks INVALID
@@ -53,7 +52,6 @@ class LiveState:
     orbit_stamp: float
     orbit_updates: int
     rf_khz: float
-    history: list[tuple[float, float, float]] = field(default_factory=list)  # (time, mA, h)
 
     def get(self, role: str, default=None):
         value = self.values.get(role)
@@ -149,12 +147,12 @@ class LiveFeed:
         role = self._roles[value.name]
         with self._lock:
             if not value.ok:
-                self._readings[role] = Reading(None, math.nan, False)
+                self._readings[role] = Reading()
                 return
             plain = value.tolist() if hasattr(value, "tolist") else value
             if isinstance(plain, str):
                 plain = str(value)
-            self._readings[role] = Reading(plain, float(value.timestamp), True, int(value.severity) == INVALID)
+            self._readings[role] = Reading(plain, True, int(value.severity) == INVALID)
 
     def _on_orbit_waveform(self, value) -> None:
         interleaved = np.asarray(value, float) * self.layout.orbit.waveform_to_mm
@@ -188,9 +186,9 @@ class LiveFeed:
             with self._lock:
                 current = self._readings.get("beam_current", Reading()).value
                 lifetime = self._readings.get("lifetime_h", Reading()).value
-            if current is not None:
-                self._history.append((time.time(), float(current),
-                                      float(lifetime) if lifetime is not None else math.nan))
+                if current is not None:
+                    self._history.append((time.time(), float(current),
+                                          float(lifetime) if lifetime is not None else math.nan))
             if self._watched and time.monotonic() - self._watched_at > IDLE_S:
                 try:
                     self._let_go()
@@ -212,7 +210,12 @@ class LiveFeed:
             values = {role: r.value for role, r in self._readings.items() if r.connected}
             invalid = {role for role, r in self._readings.items() if r.connected and r.invalid}
             return LiveState(values, invalid, self._x.copy(), self._y.copy(), self._orbit_stamp, self._orbit_updates,
-                             float(values.get("rf_khz") or math.nan), list(self._history))
+                             float(values.get("rf_khz") or math.nan))
+
+    def history(self) -> list[tuple[float, float, float]]:
+        """The last hour of (time, current mA, lifetime h), a sample a second."""
+        with self._lock:
+            return list(self._history)
 
     def missing(self) -> list[str]:
         """The roles whose PV has not answered: what the target does not serve."""

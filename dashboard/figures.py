@@ -41,20 +41,29 @@ def message(text: str) -> go.Figure:
 
 # -- live ---------------------------------------------------------------------------------------
 
+def along_ring(s_m) -> np.ndarray:
+    """The BPMs' order along the ring (the tables' order need not be), in which the orbit is drawn."""
+    return np.argsort(s_m, kind="stable")
+
+
+def plotted(values, order: np.ndarray) -> np.ndarray:
+    """Orbit values (mm) as drawn: along the ring, to the picometre (a range of 1e-18 mm, the
+    round-off of an ideal orbit, breaks Plotly's autoscale)."""
+    return np.round(np.asarray(values, float)[order], 9)
+
+
 def orbit(s_m, bpms, readings: dict[str, np.ndarray], model: dict[str, np.ndarray] | None = None,
           other: dict[str, np.ndarray] | None = None, other_label: str = "saved",
           difference: bool = False) -> go.Figure:
     """The orbit (mm) per BPM against s, one plane a row: the readings, the model's orbit where there
     is one, a second state to compare with; *difference*: readings minus the other, too. The traces
-    run in the order of s; a patch of them must sort its values the same way."""
+    run along the ring; a patch of them takes its values through ``plotted`` too."""
     figure = _figure(2, ("horizontal x (mm)", "vertical y (mm)"))
     hover = "%{text}<br>s = %{x:.2f} m<br>%{y:.4f} mm"
-    # along the ring (the tables' BPM order need not be), to the picometre (a range of 1e-18 mm, the
-    # round-off of an ideal orbit, breaks Plotly's autoscale)
-    order = np.argsort(s_m, kind="stable")
+    order = along_ring(s_m)
     s_m, bpms = np.asarray(s_m)[order], [bpms[i] for i in order]
-    readings, model, other = ({p: np.round(np.asarray(v[p], float)[order], 9) for p in PLANES}
-                              if v is not None else None for v in (readings, model, other))
+    readings, model, other = ({p: plotted(v[p], order) for p in PLANES} if v is not None else None
+                              for v in (readings, model, other))
     for row, plane in enumerate(PLANES, start=1):
         shown = row == 1
         figure.add_trace(go.Scatter(x=s_m, y=readings[plane], text=bpms, name="BPM readings", mode="lines+markers",
