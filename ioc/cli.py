@@ -10,6 +10,8 @@
                                          the measurement service: REST API over EPICS (twinioc web -h)
     twinioc measure KIND --machine mls ...
                                          one measurement (bba, orm, ...), its result as JSON
+    twinioc shadow --machine mls --source-ca-addr HOST:PORT
+                                         a model following a machine read-only (twinioc shadow -h)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from twinioc.studies import cli as studies
 
 from . import client, commands, serve
 
-SUBCOMMANDS = ("run", "get", "put", "monitor", "journal", "snapshot", "web", "measure")
+SUBCOMMANDS = ("run", "get", "put", "monitor", "journal", "snapshot", "web", "measure", "shadow")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -42,6 +44,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["shadow"]:  # its own commands and options (live, replay, calibrate)
+        from twinioc.shadow import cli as shadow
+
+        raise SystemExit(shadow.main(argv[1:]))
     if not argv or (argv[0] not in SUBCOMMANDS and argv[0] not in ("-h", "--help")):
         argv = ["run", *argv]  # no command: start a twin, as twinioc always has
     args = parser().parse_args(argv)

@@ -113,15 +113,17 @@ class TwinProcess:
         """Start the twin's process without waiting (``wait_ready`` waits)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("EPICS_")}
         env.update(self.server_env)
-        which = ["--config", str(self.config)] if self.config else ["--machine", self.machine]
-        command = [sys.executable, "-m", "twinioc.ioc.cli", *which,
-                   "--state-dir", str(self.state_dir), *self.args]
+        command = self.command()
         self._started = time.monotonic()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True)
         return self
+
+    def command(self) -> list[str]:
+        which = ["--config", str(self.config)] if self.config else ["--machine", self.machine]
+        return [sys.executable, "-m", "twinioc.ioc.cli", *which, "--state-dir", str(self.state_dir), *self.args]
 
     def wait_ready(self) -> None:
         """Poll with bare CA name searches (cheap, in this process) until the server answers, then
@@ -179,6 +181,24 @@ class TwinProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ShadowProcess(TwinProcess):
+    """``twinioc shadow`` following *source* (a started ``TwinProcess``), on free loopback ports of its own."""
+
+    def __init__(self, source: TwinProcess, *args: str, prefix: str = "SHADOW:", state_dir: Path | None = None,
+                 timeout: float = 60.0):
+        super().__init__(source.machine, state_dir=state_dir or tempfile.mkdtemp(prefix="twinioc-shadow-"),
+                         prefix=prefix, timeout=timeout)
+        self.source = source
+        self.args = ["--source-ca-addr", f"{LOOPBACK}:{source.ca_port}",
+                     "--source-pva-addr", f"{LOOPBACK}:{source.pva_broadcast}", "--prefix", prefix, *args]
+        self.ready_pv = f"{prefix}SOURCE:CONNECTED"
+        self.log_path = self.state_dir / "shadow.log"
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "twinioc.ioc.cli", "shadow", "--machine", self.machine,
+                "--state-dir", str(self.state_dir), *self.args]
 
 
 def stop_group(process: subprocess.Popen | None, sig: int, timeout: float) -> None:
