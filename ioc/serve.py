@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="where setpoints are autosaved (default $TWINIOC_STATE or ./var/<machine>)")
     parser.add_argument("--faults", type=Path, metavar="FILE",
                         help="scenario file of faults ([[fault]] tables: kind, pattern, parameters, at_s)")
+    parser.add_argument("--calibration", type=Path, metavar="FILE",
+                        help="model the calibrated machine: BPM gains and offsets, converter scales from a calibration "
+                             "file (twinioc shadow calibrate), instead of the seed's BPM errors")
     parser.add_argument("--ignore-other-servers", action="store_true",
                         help="start even when another server (the real machine, another twin) already answers "
                              "this machine's sentinel PV names on the addresses the twin serves: clients would "
@@ -261,6 +264,17 @@ def build_twin(config: Config, tables: MachineTables, args: argparse.Namespace, 
     except TableError as err:
         raise SystemExit(f"twinioc: {err}") from None
     served = twin.build()
+    if args.calibration:
+        from twinioc.model.calibration import Calibration, CalibrationError
+
+        try:
+            found = Calibration.load(args.calibration, config.name, tables.bpm_names, list(tables.converters))
+        except CalibrationError as err:
+            raise SystemExit(f"twinioc: {err}") from None
+        twin.calibrate(found)
+        log.info("calibration %s: %d BPM gains, %d BPM offsets, %d converter scales", args.calibration,
+                 len(found.gain_x) + len(found.gain_y), len(found.offset_x_mm) + len(found.offset_y_mm),
+                 len(twin.converter_scale))
     if args.faults:
         try:
             twin.faults.schedule(scenario(args.faults))

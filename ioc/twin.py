@@ -76,6 +76,7 @@ class Twin:
                                config.fill_rate_mA_per_s, current=config.beam_current_mA)
         self.magnet_errors, self.supervisor = magnet_errors, supervisor
         self.publisher = Publisher(tables, self.rows, realism, records)
+        self.converter_scale: dict[str, float] = {}  # converter -> the scale a calibration measured
         self.faults = FaultDesk(list(tables.converters), tables.bpm_names, self.lock, self._wake, self.put_log,
                                 self.result, lambda device: self.setpoints.bank.outputs[device].on, records)
         self.setpoints = SetpointDesk(tables.optics, self.lock, self._wake, self.put_log, self.faults.setpoint_fault,
@@ -239,7 +240,8 @@ class Twin:
         if self.equilibria is None:
             return
         if step is not None and (step.applied or errors is not None):
-            self.equilibria.request(Lattice(step.state.version, self._outputs(), self.magnet_errors.settings))
+            self.equilibria.request(Lattice(step.state.version, self._in_lattice(self._outputs()),
+                                            self.magnet_errors.settings))
         fresh = self.equilibria.poll()
         if fresh is not None:
             self.equilibrium = fresh
@@ -254,7 +256,8 @@ class Twin:
         response = self.feedback.asks_response()
         if not (moved or errors or response or self.state is None):
             return Step(self.state)
-        step = self.supervisor.step([Change(d, quantities[d], v) for d, v in moved.items()], errors, response)
+        step = self.supervisor.step([Change(d, quantities[d], v) for d, v in self._in_lattice(moved).items()],
+                                    errors, response)
         if step is None:
             return None
         if step.note:
@@ -269,6 +272,22 @@ class Twin:
                 entry["magnet_errors"] = errors.as_dict()
             self.versions.append(entry)
         return step
+
+    def calibrate(self, calibration) -> None:
+        """Model the calibrated machine (a ``model.calibration.Calibration``): its BPMs read with the
+        measured gains and offsets instead of the seed's, its magnet converters act with the measured scales."""
+        errors = self.publisher.bpm_errors
+        for i, name in enumerate(self.tables.bpm_names):
+            for plane, gains, offsets in ((0, calibration.gain_x, calibration.offset_x_mm),
+                                          (1, calibration.gain_y, calibration.offset_y_mm)):
+                errors.gain[plane, i] = gains.get(name, errors.gain[plane, i])
+                errors.offset[plane, i] = offsets[name] * 1e-3 if name in offsets else errors.offset[plane, i]
+        self.converter_scale = {name: scale for name, scale in calibration.converter_scale.items()
+                                if self.tables.converters[name].kind not in ("rf", "cavity")}
+
+    def _in_lattice(self, outputs: dict[str, float]) -> dict[str, float]:
+        """The converter outputs as the lattice feels them: scaled where a calibration says so."""
+        return {name: value * self.converter_scale.get(name, 1.0) for name, value in outputs.items()}
 
     def _outputs(self) -> dict[str, float]:
         return {name: out.output for name, out in self.setpoints.bank.outputs.items()}

@@ -79,9 +79,9 @@ def replay(argv: list[str]) -> int:
 
 
 def calibrate(argv: list[str]) -> int:
+    from twinioc.model.calibration import Calibration, CalibrationError, fit_response, with_bba
     from twinioc.studies.machine import MachineLayout
 
-    from .calibration import Calibration, CalibrationError, fit_response, with_bba
     from .model import ShadowModel
     from .source import read_converters
 

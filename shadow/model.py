@@ -14,11 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from twinioc.model import equilibrium
+from twinioc.model.calibration import Calibration
 from twinioc.model.engine import Engine
 from twinioc.model.state import Change, EquilibriumSettings
 from twinioc.model.tables import MachineTables
-
-from .calibration import Calibration
 
 
 @dataclass

@@ -165,8 +165,8 @@ def serve(args: argparse.Namespace) -> int:
 
 def make_model(args: argparse.Namespace, layout):
     from twinioc.ioc.config import Config
+    from twinioc.model.calibration import Calibration, CalibrationError
 
-    from .calibration import Calibration, CalibrationError
     from .model import ShadowModel
 
     calibration = None

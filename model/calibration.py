@@ -15,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from twinioc.model.engine import Engine
-from twinioc.model.state import Change
+
+from .engine import Engine
+from .state import Change
 
 FORMAT = 1
 
