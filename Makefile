@@ -48,6 +48,7 @@ bench: install          ## each twin under a control room's load; writes bench/r
 	$(BIN)/python bench/bench_equilibrium.py
 	$(BIN)/python bench/bench_measurements.py
 	$(BIN)/python bench/bench_dashboard.py
+	$(BIN)/python bench/bench_shadow.py
 
 derive: install         ## rebuild db/ from ../shared/reference
 	$(BIN)/python tools/derive_bessy2.py

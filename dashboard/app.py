@@ -25,9 +25,10 @@ from .feed import LiveFeed, LiveState
 from .saved import SavedStates
 
 
-def mount(api: FastAPI, service: MeasurementService, token: str | None = None) -> LiveFeed:
-    """Serve the dashboard at ``/`` of *api* (after its own routes); the feed, to stop with the service."""
-    feed = LiveFeed(service.layout).start(service)
+def mount(api: FastAPI, service: MeasurementService, token: str | None = None, shadow: str | None = None) -> LiveFeed:
+    """Serve the dashboard at ``/`` of *api* (after its own routes); the feed, to stop with the service.
+    *shadow*: the prefix of a ``twinioc shadow`` following the machine: its model is the one shown."""
+    feed = LiveFeed(service.layout, shadow).start(service)
     dashboard = create_dashboard(service, feed, SavedStates(service.state_dir), token)
     api.mount("/", WSGIMiddleware(dashboard.server))
     return feed
@@ -49,11 +50,25 @@ def create_dashboard(service: MeasurementService, feed: LiveFeed, saved: SavedSt
     app.layout = page
     bpms = list(layout.orbit.bpms)
 
+    # A tick asks the service only when its last question was answered (or went unanswered for 2 s).
+    # Dash drops the answer to a question asked again before it came back: with a tick faster than
+    # the service answers (a busy host), no answer would ever be shown.
+    app.clientside_callback(
+        """function(tick, asked, answered) {
+            if (asked > answered && tick - asked < 20) { return window.dash_clientside.no_update; }
+            return tick;
+        }""",
+        Output("live-asked", "data"), Input("live-tick", "n_intervals"), State("live-asked", "data"),
+        State("live-answered", "data"))
+
     @app.callback(Output("orbit", "figure"), Output("orbit-seen", "data"), Output("status", "children"),
                   Output("beam-lost-banner", "children"), Output("beam-lost-banner", "style"),
-                  Output("tunes", "figure"), Input("live-tick", "n_intervals"), State("orbit-seen", "data"),
-                  State("views", "value"))
-    def live(_, seen, view):
+                  Output("tunes", "figure"), Output("live-answered", "data"), Input("live-asked", "data"),
+                  State("orbit-seen", "data"), State("views", "value"))
+    def live(asked, seen, view):
+        return (*_live(asked, seen, view), asked)
+
+    def _live(_, seen, view):
         feed.watch()
         state = feed.state()
         banner = _banner(state)
@@ -104,6 +119,17 @@ def _finite(value: float) -> float | None:
 def _true_orbit(state: LiveState) -> dict | None:
     x, y = state.get("true_orbit_x"), state.get("true_orbit_y")
     return None if x is None or y is None else {"x": np.asarray(x, float), "y": np.asarray(y, float)}
+
+
+def _shadow_numbers(state: LiveState) -> str:
+    """The shadow's own comparison, where it is one: its link, its tunes against the machine's, the rms."""
+    if state.get("shadow_connected") is None:
+        return ""
+    link = "follows the machine" if state.get("shadow_connected") else "has LOST the machine"
+    tunes = ", ".join(f"{_number(state, f'shadow_tune_{p}', 4)} ({_number(state, f'shadow_tune_residual_{p}', 4)})"
+                      for p in "xy")
+    rms = ", ".join(_number(state, f"shadow_residual_{p}", 3) for p in "xy")
+    return f"shadow {link}; model tunes {tunes} (machine − model); orbit residual rms x, y {rms} mm"
 
 
 def _banner(state: LiveState) -> tuple:
@@ -252,9 +278,10 @@ def _compare_callbacks(app: Dash, feed: LiveFeed, saved: SavedStates, optics: di
         if mode == "model":
             model = _true_orbit(state)
             if model is None:
-                return figures.message("the target serves no model orbit (a twin does: ORBIT:TRUE:X/Y)"), ""
+                return figures.message("no model orbit: a twin serves ORBIT:TRUE:X/Y, a shadow (twinioc web "
+                                       "--shadow PREFIX) PREFIXORBIT:X/Y"), ""
             return figures.orbit(optics["s_m"], bpms, now, other=model, other_label="model",
-                                 difference=True), ""
+                                 difference=True), _shadow_numbers(state)
         then = saved.get(name) if name else None
         if then is None:
             return figures.message("save a state, or choose one"), ""

@@ -30,6 +30,11 @@ SCALARS = ("tune_h_khz", "tune_v_khz", "beam_current", "lifetime_h", "measured_l
            "feedback_switch", "feedback_run_mode", "fault_count", "beam_lost")
 TEXTS = ("feedback_state", "fault_list", "lost_reason")
 WAVEFORMS = ("true_orbit_x", "true_orbit_y")
+# with a shadow (``twinioc shadow``) following the machine: its model stands for the model orbit
+SHADOW_PVS = {"true_orbit_x": "ORBIT:X", "true_orbit_y": "ORBIT:Y", "shadow_connected": "SOURCE:CONNECTED",
+              "shadow_tune_x": "TUNE:X", "shadow_tune_y": "TUNE:Y", "shadow_tune_residual_x": "TUNE:RESIDUAL:X",
+              "shadow_tune_residual_y": "TUNE:RESIDUAL:Y", "shadow_residual_x": "ORBIT:RESIDUAL:X:RMS",
+              "shadow_residual_y": "ORBIT:RESIDUAL:Y:RMS"}
 
 
 @dataclass
@@ -73,8 +78,9 @@ class LiveFeed:
     that nobody looks at spends nothing on it, and its plans share their event loop with nothing.
     """
 
-    def __init__(self, layout: MachineLayout):
-        self.layout = layout
+    def __init__(self, layout: MachineLayout, shadow: str | None = None):
+        """*shadow*: the prefix of a shadow following the machine, whose model the views show."""
+        self.layout, self.shadow = layout, shadow
         self._lock = threading.Lock()
         self._readings: dict[str, Reading] = {}
         self._roles: dict[str, str] = {}  # PV -> role
@@ -110,6 +116,8 @@ class LiveFeed:
         orbit = self.layout.orbit
         wanted = self._wanted(r for r in (*SCALARS, *TEXTS, *WAVEFORMS) if r not in HISTORY_ROLES)
         wanted["rf_khz"] = self.layout.rf.readback
+        if self.shadow:
+            wanted |= {role: self.shadow + suffix for role, suffix in SHADOW_PVS.items()}
         self._watched = [self._monitor(role, pv) for role, pv in wanted.items()]
         if orbit.waveform:
             self._watched.append(camonitor(orbit.waveform, self._on_orbit_waveform, format=FORMAT_TIME))

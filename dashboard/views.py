@@ -55,6 +55,8 @@ def page(layout: MachineLayout, is_twin: bool, qx: float, qy: float) -> html.Div
         dcc.Interval(id="live-tick", interval=LIVE_PERIOD_MS),
         dcc.Interval(id="slow-tick", interval=SLOW_PERIOD_MS),
         dcc.Store(id="orbit-seen", data=[-1, None]),  # orbit updates shown, whether the model orbit is drawn
+        # the tick the page asked the service for, and the last one it answered: one question at a time
+        dcc.Store(id="live-asked", data=0), dcc.Store(id="live-answered", data=0),
         dcc.Store(id="result-seen", data=None),
     ], style={"fontFamily": "sans-serif", "fontSize": "14px"})
 

@@ -41,6 +41,9 @@ def add_commands(subcommands) -> None:
     web.add_argument("--port", type=int, default=8080)
     web.add_argument("--bind", default="127.0.0.1", help="address to serve on (default loopback)")
     web.add_argument("--token", default=None, help=f"token for requests that change anything (or ${TOKEN_VARIABLE})")
+    web.add_argument("--shadow", metavar="PREFIX",
+                     help="the dashboard compares the machine with the model of the shadow serving PREFIX "
+                          "(twinioc shadow; e.g. SHADOW:), instead of a twin's own model")
     web.set_defaults(handler=run_web)
     measure = subcommands.add_parser("measure", help="run one measurement and print its result as JSON")
     kinds = measure.add_subparsers(title="kinds", metavar="KIND", required=True)
@@ -106,7 +109,7 @@ def run_web(args) -> int:
     feed = None
     try:
         app = create_app(service, token)
-        feed = mount(app, service, token)
+        feed = mount(app, service, token, args.shadow)
         uvicorn.run(app, host=args.bind, port=args.port, log_level="warning")
     finally:
         if feed is not None:

@@ -86,3 +86,13 @@ def screenshot(driver, folder: Path | None, name: str) -> None:
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(folder / f"{name}.png"))
+
+
+def click_tab(driver, label: str, timeout: float = 20.0) -> None:
+    """Click the tab *label*, once the page has drawn it."""
+    from selenium.webdriver.common.by import By
+
+    where = f"//div[contains(@class,'tab') and normalize-space()='{label}']"
+    found = wait_for(lambda: driver.find_elements(By.XPATH, where), timeout)
+    assert found, f"no tab {label!r} on the page"
+    found[0].click()

@@ -79,12 +79,6 @@ def plotted_orbit(driver) -> tuple[np.ndarray, np.ndarray] | None:
     return np.array(readings[0]["y"], float)[order], np.array(readings[1]["y"], float)[order]
 
 
-def click_tab(driver, label: str) -> None:
-    from selenium.webdriver.common.by import By
-
-    driver.find_element(By.XPATH, f"//div[contains(@class,'tab') and normalize-space()='{label}']").click()
-
-
 def test_the_page_and_its_files_come_from_the_service(mls_web):
     """Over plain HTTP: the page at /, every file it names relative to the service (no CDN), and a
     path under /api that the API does not have stays a JSON 404 (the page does not swallow it)."""
@@ -144,7 +138,7 @@ def test_a_beam_loss_shows_its_banner_with_the_reason(page):
     back, top-up fills again and the banner goes."""
     from selenium.webdriver.common.by import By
 
-    click_tab(page, "Live")
+    browser.click_tab(page, "Live")
     voltage = MLS.converter("PAHRP").setpoint
     nominal = epics.caget(voltage, timeout=5)
     banner = lambda: page.find_element(By.ID, "beam-lost-banner")  # noqa: E731
@@ -178,7 +172,7 @@ def test_a_bba_started_from_the_page_shows_its_result(page, mls_web):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    click_tab(page, "Measurements")
+    browser.click_tab(page, "Measurements")
     form = browser.wait_for(lambda: page.find_elements(By.ID, "measurement-parameters"), 10)
     assert form, "no measurement form"
     form[0].send_keys(Keys.CONTROL, "a")
@@ -210,7 +204,7 @@ def test_the_comparisons_draw(page, mls_web):
         first, second = (client.post("/api/measurements", json={"kind": "bba", **BBA, "planes": ["x"]}).json()["id"]
                          for _ in range(2))
         assert wait_done(client, second, timeout=120)["status"] == "done"
-    click_tab(page, "Compare")
+    browser.click_tab(page, "Compare")
     browser.wait_for(lambda: page.find_elements(By.ID, "state-name"), 10)
     assert browser.wait_for(lambda: plotted(page, "compare-orbit").get("now − model"), 10)
     page.find_element(By.ID, "state-name").send_keys("before")
@@ -238,7 +232,7 @@ def test_with_a_token_the_page_works_and_its_form_needs_the_token(page, mls_web,
         try:
             page.get(guarded.url)
             assert browser.wait_for(lambda: plotted_orbit(page), 30), "no orbit with a token"
-            click_tab(page, "Measurements")
+            browser.click_tab(page, "Measurements")
             form = browser.wait_for(lambda: page.find_elements(By.ID, "measurement-parameters"), 10)
             form[0].send_keys(Keys.CONTROL, "a")
             form[0].send_keys(json.dumps(BBA | {"planes": ["x"]}))

@@ -336,3 +336,39 @@ def test_a_twin_and_a_shadow_load_the_same_calibration(tmp_path):
     done = subprocess.run(twin.command(), env=os_environ() | twin.server_env, capture_output=True, text=True,
                           timeout=120)
     assert done.returncode != 0 and "NO-SUCH-BPM" in done.stderr, done.stderr
+
+
+def test_the_dashboard_compares_the_machine_with_the_shadow(source, tmp_path):
+    """``twinioc web --shadow``: the Compare view's model is the shadow's. A calibration that moves one
+    BPM's reading by 50 µm in the model shows as exactly that difference there, and nowhere else."""
+    import os
+
+    import browser
+    from web import WebProcess
+
+    why = browser.missing()
+    if why:
+        if os.environ.get("TWINIOC_REQUIRE_BROWSER"):
+            pytest.fail(f"the browser test must run here (TWINIOC_REQUIRE_BROWSER is set): {why}")
+        pytest.skip(why)
+    bpm = LAYOUT.orbit.bpms[4]
+    Calibration("mls", offset_x_mm={bpm: 0.05}).save(tmp_path / "calibration.json")
+    with ShadowProcess(source, "--calibration", str(tmp_path / "calibration.json"),
+                       state_dir=tmp_path / "shadow") as follower:
+        web = WebProcess("mls", client_env(source, follower), tmp_path / "web", SOURCE_PREFIX, "--shadow", SHADOW)
+        web.start()
+        driver = browser.chromium()
+        try:
+            driver.get(web.url)
+            browser.click_tab(driver, "Compare")
+            traces = browser.wait_for(lambda: [t for t in browser.graph_data(driver, "compare-orbit") or []
+                                               if t["name"] == "now − model"], 20)
+            assert traces, "no comparison with the shadow's model"
+            x = dict(zip(traces[0]["text"], traces[0]["y"], strict=True))
+            assert x[bpm] == pytest.approx(-0.05, abs=1e-4)  # mm: the machine reads 50 µm less than the model
+            assert max(abs(v) for name, v in x.items() if name != bpm) < 1e-4
+            numbers = driver.find_element("id", "compare-numbers").text
+            assert "shadow follows the machine" in numbers, numbers
+        finally:
+            driver.quit()
+            web.stop()
