@@ -25,23 +25,14 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-from twinioc.ioc.testing import ShadowProcess, TwinProcess, client_env
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+from bench_twin import cpu_seconds, rss_mb  # noqa: E402
+from twinioc.ioc.testing import ShadowProcess, TwinProcess, client_env  # noqa: E402
 
 STEERER = {"bessy2": "HS4P2D1R", "mls": "HS1P2K1RP"}
 STEP_A = 0.2
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def orbit_pv(machine: str) -> str:
