@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 from twinioc.ioc.alarms import COMM_ALARM, INVALID_ALARM, NO_ALARM
+from twinioc.studies.analysis import rms
 from twinioc.studies.machine import MachineLayout
 
 from .model import Prediction, ShadowModel
-from .serve import EMITTANCE_PERIOD_S, MODEL_READINGS, SERVED, STALE_S, STATUS_PERIOD_S, rms
+from .serve import EMITTANCE_PERIOD_S, MODEL_READINGS, SERVED, STALE_S, STATUS_PERIOD_S
 from .source import SourceWatch
 
 log = logging.getLogger("twinioc.shadow")

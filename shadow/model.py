@@ -36,7 +36,7 @@ class Prediction:
 
 
 class ShadowModel:
-    """One machine's model: its engine, its calibration, and the converter values it was last given."""
+    """One machine's model: its engine (set to the converter values it was given) and its calibration."""
 
     def __init__(self, tables: MachineTables, calibration: Calibration | None = None,
                  equilibrium_settings: EquilibriumSettings | None = None):
@@ -46,7 +46,6 @@ class ShadowModel:
         self.equilibrium_settings = equilibrium_settings
         self.bpms = list(tables.bpm_names)
         self.quantities = {name: c.quantity for name, c in self.engine.devices.converters.items()}
-        self.values: dict[str, float] = {}  # converter -> the machine's value, uncalibrated
         self.harmonic = int(self.engine.ring.harmonic_number)
 
     def set(self, values: dict[str, float]) -> dict[str, str]:
@@ -54,8 +53,7 @@ class ShadowModel:
         unknown = {name: "not a converter of this machine" for name in values if name not in self.quantities}
         changes = [Change(name, self.quantities[name], self._model_value(name, value))
                    for name, value in values.items() if name not in unknown]
-        accepted, refused = self.engine.apply_valid(changes)
-        self.values.update({name: values[name] for name in accepted})
+        _, refused = self.engine.apply_valid(changes)
         return unknown | refused
 
     def _model_value(self, name: str, value: float) -> float:

@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+from twinioc.studies.analysis import rms
 from twinioc.studies.machine import MachineLayout
 
 from .model import ShadowModel
@@ -127,13 +128,8 @@ class Replay:
         if np.any(np.isfinite(tunes)):
             line["tune_measured"], line["tune_residual"] = tunes.tolist(), (tunes - p.tune).tolist()
         if np.any(np.isfinite(rx)) or np.any(np.isfinite(ry)):
-            line["orbit_residual_rms_mm"] = [_rms(rx), _rms(ry)]
+            line["orbit_residual_rms_mm"] = [rms(rx), rms(ry)]
         return json.loads(json.dumps(line, allow_nan=True).replace("NaN", "null"))
-
-
-def _rms(values: np.ndarray) -> float | None:
-    finite = values[np.isfinite(values)]
-    return float(np.sqrt(np.mean(finite ** 2))) if len(finite) else None
 
 
 def replay_file(layout: MachineLayout, model: ShadowModel, path: Path, out) -> tuple[int, int, float, set[str]]:

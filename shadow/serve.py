@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 log = logging.getLogger("twinioc.shadow")
 STALE_S = 3.0  # no value from the source this long: not connected
@@ -38,29 +35,30 @@ class Served:
     kind: str  # ai, waveform, bi, longin, text
     unit: str = ""
     description: str = ""
+    reading: bool = False  # a model or source reading: INVALID while the source is gone
 
 
 # What the shadow serves, after its prefix. The model's readings go INVALID while the source is gone.
 SERVED = [
-    Served("ORBIT:X", "waveform", "mm", "model orbit at the BPMs, x"),
-    Served("ORBIT:Y", "waveform", "mm", "model orbit at the BPMs, y"),
-    Served("ORBIT:MEASURED:X", "waveform", "mm", "source BPM readings, x"),
-    Served("ORBIT:MEASURED:Y", "waveform", "mm", "source BPM readings, y"),
-    Served("ORBIT:RESIDUAL:X", "waveform", "mm", "measured - model, x"),
-    Served("ORBIT:RESIDUAL:Y", "waveform", "mm", "measured - model, y"),
-    Served("ORBIT:RESIDUAL:X:RMS", "ai", "mm", "rms of measured - model, x"),
-    Served("ORBIT:RESIDUAL:Y:RMS", "ai", "mm", "rms of measured - model, y"),
+    Served("ORBIT:X", "waveform", "mm", "model orbit at the BPMs, x", reading=True),
+    Served("ORBIT:Y", "waveform", "mm", "model orbit at the BPMs, y", reading=True),
+    Served("ORBIT:MEASURED:X", "waveform", "mm", "source BPM readings, x", reading=True),
+    Served("ORBIT:MEASURED:Y", "waveform", "mm", "source BPM readings, y", reading=True),
+    Served("ORBIT:RESIDUAL:X", "waveform", "mm", "measured - model, x", reading=True),
+    Served("ORBIT:RESIDUAL:Y", "waveform", "mm", "measured - model, y", reading=True),
+    Served("ORBIT:RESIDUAL:X:RMS", "ai", "mm", "rms of measured - model, x", reading=True),
+    Served("ORBIT:RESIDUAL:Y:RMS", "ai", "mm", "rms of measured - model, y", reading=True),
     Served("ORBIT:NAMES", "names", "", "the BPMs, in the order of the orbit"),
-    Served("TUNE:X", "ai", "", "model fractional tune, x"),
-    Served("TUNE:Y", "ai", "", "model fractional tune, y"),
-    Served("TUNE:MEASURED:X", "ai", "", "source fractional tune, x"),
-    Served("TUNE:MEASURED:Y", "ai", "", "source fractional tune, y"),
-    Served("TUNE:RESIDUAL:X", "ai", "", "measured - model tune, x"),
-    Served("TUNE:RESIDUAL:Y", "ai", "", "measured - model tune, y"),
-    Served("CHROM:X", "ai", "", "model chromaticity, x"),
-    Served("CHROM:Y", "ai", "", "model chromaticity, y"),
-    Served("EMITTANCE:X", "ai", "nm", "model emittance, mode I"),
-    Served("EMITTANCE:Y", "ai", "nm", "model emittance, mode II"),
+    Served("TUNE:X", "ai", "", "model fractional tune, x", reading=True),
+    Served("TUNE:Y", "ai", "", "model fractional tune, y", reading=True),
+    Served("TUNE:MEASURED:X", "ai", "", "source fractional tune, x", reading=True),
+    Served("TUNE:MEASURED:Y", "ai", "", "source fractional tune, y", reading=True),
+    Served("TUNE:RESIDUAL:X", "ai", "", "measured - model tune, x", reading=True),
+    Served("TUNE:RESIDUAL:Y", "ai", "", "measured - model tune, y", reading=True),
+    Served("CHROM:X", "ai", "", "model chromaticity, x", reading=True),
+    Served("CHROM:Y", "ai", "", "model chromaticity, y", reading=True),
+    Served("EMITTANCE:X", "ai", "nm", "model emittance, mode I", reading=True),
+    Served("EMITTANCE:Y", "ai", "nm", "model emittance, mode II", reading=True),
     Served("MODEL:VERSION", "longin", "", "model lattice version"),
     Served("MODEL:COMPUTE:TIME", "ai", "ms", "time of the last model computation"),
     Served("MODEL:REFUSED", "text", "", "source values the model refused, and why"),
@@ -70,10 +68,7 @@ SERVED = [
     Served("SOURCE:UNANSWERED", "text", "", "setpoints the source does not answer"),
     Served("SOURCE:UNANSWERED:COUNT", "longin", "", "how many setpoints the source does not answer"),
 ]
-MODEL_READINGS = ("ORBIT:X", "ORBIT:Y", "ORBIT:RESIDUAL:X", "ORBIT:RESIDUAL:Y", "ORBIT:RESIDUAL:X:RMS",
-                  "ORBIT:RESIDUAL:Y:RMS", "ORBIT:MEASURED:X", "ORBIT:MEASURED:Y", "TUNE:X", "TUNE:Y",
-                  "TUNE:MEASURED:X", "TUNE:MEASURED:Y", "TUNE:RESIDUAL:X", "TUNE:RESIDUAL:Y", "CHROM:X", "CHROM:Y",
-                  "EMITTANCE:X", "EMITTANCE:Y")
+MODEL_READINGS = tuple(s.suffix for s in SERVED if s.reading)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -178,7 +173,3 @@ def make_model(args: argparse.Namespace, layout):
             raise SystemExit(f"twinioc shadow: {err}") from None
     return ShadowModel(layout.tables, calibration, Config.for_machine(layout.name).equilibrium)
 
-
-def rms(values: np.ndarray) -> float:
-    finite = values[np.isfinite(values)]
-    return float(np.sqrt(np.mean(finite ** 2))) if len(finite) else math.nan

@@ -16,8 +16,6 @@ import numpy as np
 from aioca import FORMAT_TIME, camonitor
 from twinioc.studies.machine import MachineLayout
 
-INVALID = 3  # EPICS alarm severity
-
 
 @dataclass
 class SourceValue:
@@ -46,14 +44,15 @@ class SourceWatch:
         self._x, self._y = np.full(len(orbit.bpms), np.nan), np.full(len(orbit.bpms), np.nan)
         self.orbit_stamp, self.orbit_updates = math.nan, 0
         self._tune_pvs = (layout.optional("tune_h_khz"), layout.optional("tune_v_khz"))
+        converter_pvs = [pv for c in layout.converters.values() for pv in dict.fromkeys((c.setpoint, c.readback))]
+        self._scalars = converter_pvs + [pv for pv in self._tune_pvs if pv]
         self._subscriptions: list = []
 
     # -- subscribing, on the loop --------------------------------------------------------------
 
     def pvs(self) -> list[str]:
         """Every scalar PV watched: the converters' setpoints and readbacks, the tunes."""
-        names = [pv for c in self.layout.converters.values() for pv in dict.fromkeys((c.setpoint, c.readback))]
-        return names + [pv for pv in self._tune_pvs if pv]
+        return list(self._scalars)
 
     async def subscribe(self) -> None:
         self._subscriptions = [camonitor(pv, self._on_value, format=FORMAT_TIME, notify_disconnect=True)
@@ -138,7 +137,7 @@ class SourceWatch:
 
     def connected_share(self) -> float:
         with self._lock:
-            values = [self._values.get(pv, SourceValue()).connected for pv in self.pvs()]
+            values = [self._values.get(pv, SourceValue()).connected for pv in self._scalars]
         return sum(values) / max(len(values), 1)
 
     def newest_stamp(self) -> float:
