@@ -42,12 +42,15 @@ def _calibrate_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _result(path: Path) -> dict:
+def _record(path: Path) -> dict:
+    """A measurement's record (as the service or ``twinioc measure`` gives it), or its result alone."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise SystemExit(f"twinioc shadow: {path}: {err}") from None
-    return data.get("result", data) if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"twinioc shadow: {path}: not a measurement record")
+    return data
 
 
 def replay(argv: list[str]) -> int:
@@ -95,8 +98,9 @@ def calibrate(argv: list[str]) -> int:
     model = ShadowModel(layout.tables)
     model.set(values)
     try:
-        calibration = fit_response(model.engine, layout.name, _result(args.orm), Calibration(layout.name))
-        calibration = with_bba(calibration, [_result(path) for path in args.bba])
+        orm = _record(args.orm)
+        calibration = fit_response(model.engine, layout.name, orm.get("result", orm), Calibration(layout.name))
+        calibration = with_bba(calibration, [_record(path) for path in args.bba])
     except CalibrationError as err:
         raise SystemExit(f"twinioc shadow: {err}") from None
     calibration.provenance["orm_file"] = str(args.orm)

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from twinioc.ioc.alarms import COMM_ALARM, INVALID_ALARM, NO_ALARM
+from twinioc.ioc.alarms import COMM_ALARM, INVALID_ALARM, NO_ALARM, UDF_ALARM
 from twinioc.studies.analysis import rms
 from twinioc.studies.machine import MachineLayout
 
@@ -102,12 +102,16 @@ class Follower:
             self.watch.changed.clear()
             try:
                 self.step()
-                if time.monotonic() - status_at >= STATUS_PERIOD_S:
-                    status_at = time.monotonic()
-                    self.publish_status()
-            except Exception:  # noqa: BLE001 - one bad step must not end the shadow: say so, go on
+            except Exception as err:  # noqa: BLE001 - a failing model must not end the shadow: say so, go on
                 log.exception("shadow step failed")
+                self._set("MODEL:STATUS", f"the model failed: {type(err).__name__}: {err}")
+                for suffix in MODEL_READINGS:
+                    self.records[suffix].set_alarm(INVALID_ALARM, UDF_ALARM)
+                self.prediction = None  # the next step computes and publishes everything afresh
                 time.sleep(STATUS_PERIOD_S)
+            if time.monotonic() - status_at >= STATUS_PERIOD_S:
+                status_at = time.monotonic()
+                self.publish_status()
 
     def step(self) -> None:
         """Feed what changed at the source to the model; publish the model, then the comparison."""
@@ -140,6 +144,7 @@ class Follower:
         for suffix, value in (("TUNE:X", p.tune[0]), ("TUNE:Y", p.tune[1]), ("CHROM:X", p.chromaticity[0]),
                               ("CHROM:Y", p.chromaticity[1])):
             self._set(suffix, float(value), valid)
+        self._set("MODEL:STATUS", "" if p.stable else f"no stable beam in the model: {p.reason or 'unstable'}")
         self._set("MODEL:VERSION", int(p.version))
         self._set("MODEL:COMPUTE:TIME", p.compute_s * 1e3)
 

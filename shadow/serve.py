@@ -62,6 +62,7 @@ SERVED = [
     Served("MODEL:VERSION", "longin", "", "model lattice version"),
     Served("MODEL:COMPUTE:TIME", "ai", "ms", "time of the last model computation"),
     Served("MODEL:REFUSED", "text", "", "source values the model refused, and why"),
+    Served("MODEL:STATUS", "text", "", "empty, or why the model has no valid prediction"),
     Served("CALIBRATION", "text", "", "the calibration file the model uses"),
     Served("SOURCE:CONNECTED", "bi", "", "the source answers and sends values"),
     Served("SOURCE:LAG", "ai", "s", "age of the newest source value"),
@@ -154,6 +155,9 @@ def serve(args: argparse.Namespace) -> int:
     follower.stop()
     from softioc import softioc
 
+    if not done.is_set():  # the following thread ended: exit non-zero, so that a supervisor restarts us
+        log.error("the shadow stopped following %s; exiting", args.source_ca_addr)
+        softioc.safeEpicsExit(1)
     softioc.safeEpicsExit(0)
     return 0
 

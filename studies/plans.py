@@ -133,10 +133,10 @@ def _bba_body(ctx: PlanContext, analysis: an.Analysis):
     quad_device = ctx.converter(quad.name)
     yield from ctx.instruments.connect(quad_device)
     current = float((yield from bps.rd(quad_device.setpoint)))
-    result = {"quadrupole": p["quadrupole"], "converter": quad.name, "quad_step_A": [], "offset_um": [],
-              "sigma_um": [], "crossing_um": [], "steerers": {}, "bpm": None, "bpm_distance_m": None,
-              "bpm_across": None}
     planes = p.get("planes") or ["x", "y"]
+    result = {"quadrupole": p["quadrupole"], "converter": quad.name, "planes": list(planes), "quad_step_A": [],
+              "offset_um": [], "sigma_um": [], "crossing_um": [], "steerers": {}, "bpm": None,
+              "bpm_distance_m": None, "bpm_across": None}
     for n, plane in enumerate(planes):
         scan = yield from _bba_scan(ctx, p, plane, quad_device, current,
                                     lambda f, n=n: ctx.progress((n + f) / len(planes) * 0.98))

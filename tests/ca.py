@@ -12,12 +12,15 @@ import epics
 
 
 def wait_for(read, condition, timeout=10.0):
-    """Poll *read()* until *condition(value)* holds; return the last value."""
+    """Poll *read()* until *condition(value)* holds and return that value; fail the test, showing the
+    last value, if it does not hold within *timeout* s."""
     deadline = time.monotonic() + timeout
     while True:
         value = read()
-        if (value is not None and condition(value)) or time.monotonic() > deadline:
+        if value is not None and condition(value):
             return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not so within {timeout} s; the last value read: {value!r}")
         time.sleep(0.05)
 
 
