@@ -49,6 +49,7 @@ bench: install          ## each twin under a control room's load; writes bench/r
 	$(BIN)/python bench/bench_measurements.py
 	$(BIN)/python bench/bench_dashboard.py
 	$(BIN)/python bench/bench_shadow.py
+	$(BIN)/python bench/bench_calibration.py
 
 derive: install         ## rebuild db/ from ../shared/reference
 	$(BIN)/python tools/derive_bessy2.py

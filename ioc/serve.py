@@ -21,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -304,11 +305,7 @@ def run_ioc(twin, config: Config, state_dir: Path, optics: str | None) -> int:
              config.machine, len(twin.rows), config.bind, os.environ.get("EPICS_CA_SERVER_PORT", "5064"),
              os.environ.get("EPICS_PVAS_SERVER_PORT", os.environ.get("EPICS_PVA_SERVER_PORT", "5075")),
              state_dir, time.monotonic() - STARTED)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    while not done.wait(0.5) and ticker.is_alive():
-        pass
+    until_signalled(ticker.is_alive)
     twin.stop()
     ticker.join(timeout=5)
     close_workers(twin.supervisor, twin.magnet_errors, twin.equilibria)
@@ -321,3 +318,14 @@ def run_ioc(twin, config: Config, state_dir: Path, optics: str | None) -> int:
     sys.stdout.flush()
     softioc.safeEpicsExit(status)
     return status
+
+
+def until_signalled(alive: Callable[[], bool]) -> bool:
+    """Block until SIGINT or SIGTERM (True), or until *alive()* is false (False: the server's own
+    worker ended)."""
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    while not done.wait(0.5) and alive():
+        pass
+    return done.is_set()

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,15 +145,13 @@ def serve(args: argparse.Namespace) -> int:
              args.source_ca_addr, len(SERVED), args.prefix,
              os.environ.get("EPICS_CAS_SERVER_PORT", os.environ.get("EPICS_CA_SERVER_PORT", "5064")),
              time.monotonic() - started)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    while not done.wait(0.5) and follower.alive():
-        pass
+    from twinioc.ioc.serve import until_signalled
+
+    signalled = until_signalled(follower.alive)
     follower.stop()
     from softioc import softioc
 
-    if not done.is_set():  # the following thread ended: exit non-zero, so that a supervisor restarts us
+    if not signalled:  # the following thread ended: exit non-zero, so that a supervisor restarts us
         log.error("the shadow stopped following %s; exiting", args.source_ca_addr)
         softioc.safeEpicsExit(1)
     softioc.safeEpicsExit(0)

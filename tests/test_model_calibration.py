@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import DB
 from twinioc.model import Engine
-from twinioc.model.calibration import Calibration, CalibrationError, fit_response, with_bba
+from twinioc.model.calibration import Calibration, CalibrationError, fit_response, response_with_errors, with_bba
 from twinioc.model.state import Change
 from twinioc.model.tables import MachineTables
 
@@ -21,18 +21,10 @@ BPMS = list(MachineTables(DB / "mls").bpm_names)
 def machine_with_errors():
     """The MLS with 0.5 % rms gradient errors on its 24 quadrupole converters, 5 % BPM gains and
     steerer scales, and its orbit response as the measurement would give it (1 µm/A of noise)."""
-    rng = np.random.default_rng(7)
-    true = Engine.from_folder(DB / "mls")
-    quadrupoles = [n for n, c in true.devices.converters.items() if c.kind == "quadrupole"]
-    gradient = 1 + rng.normal(0, 0.005, len(quadrupoles))
-    true.apply([Change(q, "current", true.settings[q] * k) for q, k in zip(quadrupoles, gradient, strict=True)])
-    steerers = true.steerers()
-    response = true.orbit_response(steerers) * 1e3  # mm/A
-    gains = 1 + rng.normal(0, 0.05, response.shape[0])
-    scales = 1 + rng.normal(0, 0.05, response.shape[1])
-    measured = gains[:, None] * response * scales[None, :] + rng.normal(0, 1e-3, response.shape)
-    return {"quadrupoles": quadrupoles, "gradient": gradient, "steerers": steerers, "gains": gains,
-            "scales": scales, "result": {"steerers": steerers, "bpms": BPMS, "mm_per_A": measured.tolist()}}
+    known = response_with_errors(Engine.from_folder(DB / "mls"), np.random.default_rng(7))
+    return {"quadrupoles": known.quadrupoles, "gradient": known.gradient, "steerers": known.steerers,
+            "gains": known.gains, "scales": known.scales,
+            "result": {"steerers": known.steerers, "bpms": BPMS, "mm_per_A": known.mm_per_A.tolist()}}
 
 
 def test_an_orm_fit_finds_the_gradient_errors_and_the_gains(mls, machine_with_errors):
@@ -54,6 +46,16 @@ def test_an_orm_fit_finds_the_gradient_errors_and_the_gains(mls, machine_with_er
         assert np.max(np.abs(ratio - 1)) < 2e-3, (field, np.max(np.abs(ratio - 1)))
     misfit = calibration.provenance["orm"]["misfit_rms_mm_per_A"]
     assert misfit[0] > 50e-3 and misfit[-1] < 1.2e-3, misfit  # from the errors down to the noise
+
+
+def test_a_step_too_long_is_shortened(mls):
+    """3 % gradient errors: the first full step sets a converter beyond its range and the next makes
+    the ring unstable (seed 0); halved, they find the errors all the same."""
+    known = response_with_errors(mls, np.random.default_rng(0), gradient_rms=0.03)
+    calibration = fit_response(mls, "mls", {"steerers": known.steerers, "bpms": BPMS, "mm_per_A": known.mm_per_A})
+    fitted = np.array([calibration.converter_scale[q] for q in known.quadrupoles])
+    assert np.max(np.abs(known.gradient - 1)) > 0.05
+    assert np.max(np.abs(fitted - known.gradient)) < 1e-3, fitted - known.gradient
 
 
 def test_the_fitted_model_predicts_a_steerer_the_fit_did_not_see(mls, machine_with_errors):
