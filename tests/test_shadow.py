@@ -288,13 +288,18 @@ def test_calibration_from_a_measured_orm_of_a_source_with_errors(tmp_path):
                               env={**os_environ(), **env}, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         (tmp_path / "orm.json").write_text(done.stdout.splitlines()[-1])
+        # a BBA record of one plane, as the service gives it: its offset goes to that plane only
+        bba_bpm = LAYOUT.orbit.bpms[2]
+        (tmp_path / "bba.json").write_text(json.dumps({"kind": "bba", "params": {"planes": ["y"]},
+                                                       "result": {"bpm": bba_bpm, "offset_um": [-40.0]}}))
         calibrate = [sys.executable, "-m", "twinioc.ioc.cli", "shadow", "calibrate", "--machine", "mls",
                      "--source-ca-addr", f"{LOOPBACK}:{source.ca_port}", "--orm", str(tmp_path / "orm.json"),
-                     "--out", str(tmp_path / "calibration.json")]
+                     "--bba", str(tmp_path / "bba.json"), "--out", str(tmp_path / "calibration.json")]
         done = subprocess.run(calibrate, env={**os_environ(), **env}, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         calibration = Calibration.load(tmp_path / "calibration.json", "mls", list(LAYOUT.orbit.bpms),
                                        list(LAYOUT.converters))
+        assert calibration.offset_y_mm == {bba_bpm: -0.04} and not calibration.offset_x_mm
         misfit = calibration.provenance["orm"]["misfit_rms_mm_per_A"]
         assert misfit[-1] < misfit[0] / 3, misfit
         for steerer in (new_h, new_v):
