@@ -185,7 +185,8 @@ class ResponseFit:
         for _ in range(iterations):
             delta = self.direction(measured, k, g, s, model)
             for length in (1.0, 0.5, 0.25, 0.125):
-                k1, g1, s1 = np.split(x + length * delta, parts)
+                trial = x + length * delta
+                k1, g1, s1 = np.split(trial, parts)
                 try:
                     model1 = self.response(k1)
                 except (SettingError, AtError, np.linalg.LinAlgError):  # beyond a range, or unstable: shorter
@@ -195,7 +196,7 @@ class ResponseFit:
                     break
             else:
                 break
-            x, (k, g, s), model = x + length * delta, (k1, g1, s1), model1
+            x, (k, g, s), model = trial, (k1, g1, s1), model1
             history.append(misfit)
             if misfit > history[-2] * (1 - tolerance):
                 break
@@ -214,7 +215,7 @@ def fit_response(engine: Engine, machine: str, result: dict, calibration: Calibr
         raise CalibrationError(f"not an orbit response result: {err}") from None
     if measured.shape != (2 * len(bpms), len(steerers)) or not np.all(np.isfinite(measured)):
         raise CalibrationError(f"the response is {measured.shape}, not finite 2·{len(bpms)} × {len(steerers)}")
-    quadrupoles = [n for n, c in engine.devices.converters.items() if c.kind == "quadrupole"]
+    quadrupoles = [c.name for c in engine.devices.of_kind("quadrupole")]
     fit = ResponseFit(engine, steerers, quadrupoles)
     k, g, s, history = fit.solve(measured, iterations)
     calibration = calibration or Calibration(machine)
@@ -244,15 +245,10 @@ def response_with_errors(engine: Engine, rng: np.random.Generator, gradient_rms:
                          gain_rms: float = 0.05, scale_rms: float = 0.05, noise_mm_per_A: float = 1e-3) -> KnownErrors:
     """The orbit response of *engine*'s lattice with random quadrupole gradient errors, BPM gains and
     steerer scales, plus noise, and those errors (*engine* is left as it was): to check a fit against."""
-    quadrupoles = [n for n, c in engine.devices.converters.items() if c.kind == "quadrupole"]
+    quadrupoles = [c.name for c in engine.devices.of_kind("quadrupole")]
     gradient = 1 + rng.normal(0, gradient_rms, len(quadrupoles))
-    base = {q: engine.settings[q] for q in quadrupoles}
-    engine.apply([Change(q, "current", base[q] * k) for q, k in zip(quadrupoles, gradient, strict=True)])
-    try:
-        steerers = engine.steerers()
-        response = engine.orbit_response(steerers) * 1e3
-    finally:
-        engine.apply([Change(q, "current", v) for q, v in base.items()])
+    steerers = engine.steerers()
+    response = ResponseFit(engine, steerers, quadrupoles).response(gradient)
     gains = 1 + rng.normal(0, gain_rms, response.shape[0])
     scales = 1 + rng.normal(0, scale_rms, response.shape[1])
     measured = gains[:, None] * response * scales[None, :] + rng.normal(0, noise_mm_per_A, response.shape)

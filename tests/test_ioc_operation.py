@@ -110,11 +110,11 @@ def test_the_reference_orbit_is_where_the_feedback_steers(operating):
     """The reference moved by an orbit the steerers can make (the design response of one steerer,
     0.2 mm at its peak): the feedback brings the readings there, to within a fifth of the move."""
     pva, machine = operating.pva, operating.machine
-    setpoint, _, switch = KICKS[machine]
+    switch = KICKS[machine][2]
     pva.put(switch, 1)  # on (the tests before may have left it off)
     engine = Engine.from_folder(DB / machine)
-    horizontal = [s for s in engine.steerers() if engine.devices.converters[s].windings[0].field == "HKICK"]
-    steerer = horizontal[len(horizontal) // 2]
+    horizontal = engine.devices.of_kind("hsteerer")
+    steerer = horizontal[len(horizontal) // 2].name
     before = get(pva, "TWIN:ORBIT:X")
     column = engine.orbit_response([steerer])[:len(before), 0]
     move = column * 0.2 / np.max(np.abs(column))  # mm

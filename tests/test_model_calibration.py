@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 from conftest import DB
 from twinioc.model import Engine
-from twinioc.model.calibration import Calibration, CalibrationError, fit_response, response_with_errors, with_bba
+from twinioc.model.calibration import (
+    Calibration,
+    CalibrationError,
+    KnownErrors,
+    fit_response,
+    response_with_errors,
+    with_bba,
+)
 from twinioc.model.state import Change
 from twinioc.model.tables import MachineTables
 
@@ -18,32 +25,38 @@ BPMS = list(MachineTables(DB / "mls").bpm_names)
 
 
 @pytest.fixture(scope="module")
-def machine_with_errors():
+def known():
     """The MLS with 0.5 % rms gradient errors on its 24 quadrupole converters, 5 % BPM gains and
     steerer scales, and its orbit response as the measurement would give it (1 µm/A of noise)."""
-    known = response_with_errors(Engine.from_folder(DB / "mls"), np.random.default_rng(7))
-    return {"quadrupoles": known.quadrupoles, "gradient": known.gradient, "steerers": known.steerers,
-            "gains": known.gains, "scales": known.scales,
-            "result": {"steerers": known.steerers, "bpms": BPMS, "mm_per_A": known.mm_per_A.tolist()}}
+    return response_with_errors(Engine.from_folder(DB / "mls"), np.random.default_rng(7))
 
 
-def test_an_orm_fit_finds_the_gradient_errors_and_the_gains(mls, machine_with_errors):
-    m = machine_with_errors
-    calibration = fit_response(mls, "mls", m["result"])
-    fitted = np.array([calibration.converter_scale[q] for q in m["quadrupoles"]])
+def orm(known: KnownErrors, columns: list[int] | None = None) -> dict:
+    """The response as an ORM measurement's result, of all steerers or those of *columns*."""
+    columns = list(range(len(known.steerers))) if columns is None else columns
+    return {"steerers": [known.steerers[j] for j in columns], "bpms": BPMS, "mm_per_A": known.mm_per_A[:, columns]}
+
+
+def fitted_gains(calibration: Calibration) -> np.ndarray:
+    """The BPM gains in the response's row order: x of every BPM, then y."""
+    return np.array([calibration.gain_x[b] for b in BPMS] + [calibration.gain_y[b] for b in BPMS])
+
+
+def test_an_orm_fit_finds_the_gradient_errors_and_the_gains(mls, known):
+    calibration = fit_response(mls, "mls", orm(known))
+    fitted = np.array([calibration.converter_scale[q] for q in known.quadrupoles])
     # the gradient errors (0.5 % rms): each to 0.1 %
-    assert np.max(np.abs(fitted - m["gradient"])) < 1e-3, fitted - m["gradient"]
+    assert np.max(np.abs(fitted - known.gradient)) < 1e-3, fitted - known.gradient
     # gains and steerer scales: an ORM knows them only up to one factor per plane (g·c, s/c); their
     # products, the response's own scale per BPM and steerer, to 0.2 %
     n = len(BPMS)
-    gains = np.array([calibration.gain_x[b] for b in BPMS] + [calibration.gain_y[b] for b in BPMS])
-    scales = np.array([calibration.converter_scale[s] for s in m["steerers"]])
-    products, true_products = np.outer(gains, scales), np.outer(m["gains"], m["scales"])
-    planes = [mls.devices.converters[s].windings[0].field for s in m["steerers"]]
-    for rows, field in ((slice(0, n), "HKICK"), (slice(n, 2 * n), "VKICK")):
-        columns = [j for j, f in enumerate(planes) if f == field]
+    scales = np.array([calibration.converter_scale[s] for s in known.steerers])
+    products, true_products = np.outer(fitted_gains(calibration), scales), np.outer(known.gains, known.scales)
+    horizontal = {c.name for c in mls.devices.of_kind("hsteerer")}
+    for rows, in_plane in ((slice(0, n), True), (slice(n, 2 * n), False)):
+        columns = [j for j, s in enumerate(known.steerers) if (s in horizontal) == in_plane]
         ratio = products[rows, columns] / true_products[rows, columns]
-        assert np.max(np.abs(ratio - 1)) < 2e-3, (field, np.max(np.abs(ratio - 1)))
+        assert np.max(np.abs(ratio - 1)) < 2e-3, (in_plane, np.max(np.abs(ratio - 1)))
     misfit = calibration.provenance["orm"]["misfit_rms_mm_per_A"]
     assert misfit[0] > 50e-3 and misfit[-1] < 1.2e-3, misfit  # from the errors down to the noise
 
@@ -51,33 +64,29 @@ def test_an_orm_fit_finds_the_gradient_errors_and_the_gains(mls, machine_with_er
 def test_a_step_too_long_is_shortened(mls):
     """3 % gradient errors: the first full step sets a converter beyond its range and the next makes
     the ring unstable (seed 0); halved, they find the errors all the same."""
-    known = response_with_errors(mls, np.random.default_rng(0), gradient_rms=0.03)
-    calibration = fit_response(mls, "mls", {"steerers": known.steerers, "bpms": BPMS, "mm_per_A": known.mm_per_A})
-    fitted = np.array([calibration.converter_scale[q] for q in known.quadrupoles])
-    assert np.max(np.abs(known.gradient - 1)) > 0.05
-    assert np.max(np.abs(fitted - known.gradient)) < 1e-3, fitted - known.gradient
+    large = response_with_errors(mls, np.random.default_rng(0), gradient_rms=0.03)
+    calibration = fit_response(mls, "mls", orm(large))
+    fitted = np.array([calibration.converter_scale[q] for q in large.quadrupoles])
+    assert np.max(np.abs(large.gradient - 1)) > 0.05
+    assert np.max(np.abs(fitted - large.gradient)) < 1e-3, fitted - large.gradient
 
 
-def test_the_fitted_model_predicts_a_steerer_the_fit_did_not_see(mls, machine_with_errors):
+def test_the_fitted_model_predicts_a_steerer_the_fit_did_not_see(mls, known):
     """Fit on all steerers but one; the calibrated model's column of that one is the machine's."""
-    m = machine_with_errors
-    left_out = m["steerers"][5]
-    keep = [j for j, s in enumerate(m["steerers"]) if s != left_out]
-    measured = np.asarray(m["result"]["mm_per_A"])
-    result = {"steerers": [m["steerers"][j] for j in keep], "bpms": BPMS, "mm_per_A": measured[:, keep]}
-    calibration = fit_response(mls, "mls", result)
-    machine_column = measured[:, m["steerers"].index(left_out)]
-    plain = mls.orbit_response([left_out])[:, 0] * 1e3
+    left_out = 5
+    calibration = fit_response(mls, "mls", orm(known, [j for j in range(len(known.steerers)) if j != left_out]))
+    machine_column = known.mm_per_A[:, left_out]
+    plain = mls.orbit_response([known.steerers[left_out]])[:, 0] * 1e3
     model = Engine.from_folder(DB / "mls")
-    model.apply([Change(q, "current", model.settings[q] * calibration.scale(q)) for q in m["quadrupoles"]])
-    gains = np.array([calibration.gain_x[b] for b in BPMS] + [calibration.gain_y[b] for b in BPMS])
-    calibrated = gains * model.orbit_response([left_out])[:, 0] * 1e3
+    model.apply([Change(q, "current", model.settings[q] * calibration.scale(q)) for q in known.quadrupoles])
+    calibrated = fitted_gains(calibration) * model.orbit_response([known.steerers[left_out]])[:, 0] * 1e3
     # the steerer's own scale is unknown to the fit: compare shapes, scaled by least squares
     def residual(column):
         scale = machine_column @ column / (column @ column)
         return np.linalg.norm(machine_column - scale * column) / np.linalg.norm(machine_column)
 
-    print(f"{left_out}: relative residual {residual(plain):.2e} plain, {residual(calibrated):.2e} calibrated")
+    print(f"{known.steerers[left_out]}: relative residual {residual(plain):.2e} plain, "
+          f"{residual(calibrated):.2e} calibrated")
     assert residual(calibrated) * 3 < residual(plain), (residual(calibrated), residual(plain))
 
 
